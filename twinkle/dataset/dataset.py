@@ -1,0 +1,518 @@
+"""``Dataset``: load one or more datasets, preprocess and encode them for training.
+
+Every loaded dataset stays a separate Hugging Face ``datasets.Dataset`` (keyed by its id)
+until ``mix_dataset`` merges them, so a preprocessor can target one of them. Everything is
+kept in memory: no cache file is written next to the user's data, and nothing is reused
+from an earlier run's cache.
+
+Methods that change the dataset return ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import hub
+from ..errors import HubError, InvalidArgumentError, NotFoundError, StateError
+from ..preprocessor import Preprocessor
+from ..registry import REGISTRY
+from ..template import Template
+from .meta import DatasetMeta
+
+if TYPE_CHECKING:
+    import datasets
+
+# importlib.resources names of the files behind builtin:// dataset ids
+BUILTIN_FILES = {"self-cognition": "self_cognition.jsonl"}
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# JSON files a hub repository keeps beside its data (ModelScope, HF dataset cards)
+NOT_DATA = {
+    "configuration.json",
+    "dataset_infos.json",
+    "dataset_info.json",
+    "dataset_dict.json",
+    "state.json",
+}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+MIX_SEED = 42
+ENCODED_COLUMNS = ("input_ids", "labels", "length")
+
+
+class Dataset:
+    """A training dataset built from one or more ``DatasetMeta`` (or plain id strings).
+
+    Typical use::
+
+        ds = Dataset(DatasetMeta('builtin://self-cognition'))
+        ds.set_template('Template', model_id='builtin://tiny-qwen2', max_length=512)
+        ds.map('SelfCognitionProcessor', init_args={'model_name': 'Twinkle', 'model_author': 'Lab'})
+        ds.encode()
+    """
+
+    def __init__(self, dataset_meta: DatasetMeta | str) -> None:
+        self.datasets: dict[str, datasets.Dataset] = {}
+        self.template: Template | None = None
+        self._mixed: datasets.Dataset | None = None
+        self.add_dataset(dataset_meta)
+
+    # --- building ---------------------------------------------------------------------------
+
+    def add_dataset(self, dataset_meta: DatasetMeta | str) -> None:
+        """Load another dataset beside the ones already here (mix them with ``mix_dataset``)."""
+        meta = _as_meta(dataset_meta)
+        if self._mixed is not None:
+            raise StateError("the datasets were already mixed; add every dataset before mix_dataset()")
+        if meta.key in self.datasets:
+            raise InvalidArgumentError(f"dataset {meta.key!r} was already added")
+        self.datasets[meta.key] = load_dataset(meta)
+
+    def mix_dataset(self, interleave: bool = True) -> None:
+        """Merge the added datasets into one (calling it again does nothing).
+
+        ``interleave=True`` spreads the rows of all datasets over the result in a random order
+        fixed by a seed, keeping each dataset's own row order and every row exactly once;
+        ``interleave=False`` concatenates them in the order they were added. A column missing
+        from one dataset is ``None`` in its rows.
+        """
+        if self._mixed is not None:
+            return
+        import datasets
+
+        parts = list(self.datasets.values())
+        try:
+            merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        except ValueError as exc:
+            raise InvalidArgumentError(f"cannot mix the datasets: {_first_line(exc)}") from None
+        if interleave and len(parts) > 1:
+            merged = merged.select(_interleaved_order([len(p) for p in parts], MIX_SEED))
+            merged = merged.flatten_indices(keep_in_memory=True)
+        self._mixed = merged
+        self.datasets = {}
+
+    def set_template(self, name_or_cls: str | type, **kwargs: Any) -> None:
+        """Set the template that ``encode`` uses.
+
+        E.g. ``set_template('Template', model_id='builtin://tiny-qwen2', max_length=512)``.
+        """
+        self.template = REGISTRY.build("template", name_or_cls, **kwargs)
+
+    # --- transforming -----------------------------------------------------------------------
+
+    def map(
+        self,
+        preprocess_func: str | type | Callable[[dict[str, Any]], dict[str, Any]],
+        dataset_meta: DatasetMeta | str | None = None,
+        init_args: dict[str, Any] | None = None,
+        *,
+        num_proc: int | None = None,
+    ) -> None:
+        """Apply a preprocessor to every row (or only to the rows of ``dataset_meta``).
+
+        ``preprocess_func`` is a registered preprocessor name (built with ``init_args``), a
+        ``Preprocessor`` class or instance (works on batches), or any callable taking one row
+        dict and returning the columns to set on it.
+        """
+        if isinstance(preprocess_func, str) or (
+            isinstance(preprocess_func, type) and issubclass(preprocess_func, Preprocessor)
+        ):
+            func: Callable[..., Any] = REGISTRY.build("preprocessor", preprocess_func, **(init_args or {}))
+        elif callable(preprocess_func):
+            if init_args:
+                raise InvalidArgumentError("init_args are only for a registered preprocessor name or class")
+            func = preprocess_func
+        else:
+            raise InvalidArgumentError(
+                f"map needs a preprocessor name or a callable, got {type(preprocess_func).__name__}"
+            )
+        batched = isinstance(func, Preprocessor)
+        if not batched:
+            func = _checked_row_function(func)
+        for key in self._target_keys(dataset_meta):
+            self._replace(
+                key,
+                self._get(key).map(func, batched=batched, num_proc=num_proc, desc="map", **_in_memory()),
+            )
+
+    def filter(
+        self,
+        filter_func: str | type | Callable[[dict[str, Any]], bool],
+        dataset_meta: DatasetMeta | str | None = None,
+        init_args: dict[str, Any] | None = None,
+        *,
+        num_proc: int | None = None,
+    ) -> None:
+        """Keep only the rows for which ``filter_func(row)`` is true.
+
+        ``filter_func`` is a registered filter name or class (built with ``init_args``) or a
+        callable taking one row dict. With ``dataset_meta`` only that dataset is filtered.
+        """
+        if isinstance(filter_func, str | type):
+            func = REGISTRY.build("filter", filter_func, **(init_args or {}))
+        elif callable(filter_func):
+            if init_args:
+                raise InvalidArgumentError("init_args are only for a registered filter name or class")
+            func = filter_func
+        else:
+            raise InvalidArgumentError(
+                f"filter needs a filter name or a callable, got {type(filter_func).__name__}"
+            )
+        for key in self._target_keys(dataset_meta):
+            self._replace(key, self._get(key).filter(func, num_proc=num_proc, desc="filter", **_in_memory()))
+
+    def encode(
+        self, batched: bool = True, add_generation_prompt: bool = False, *, num_proc: int | None = None
+    ) -> None:
+        """Tokenize each row's ``messages`` with the template.
+
+        Adds ``input_ids``, ``labels`` and ``length`` columns. Rows the template drops (too
+        long under truncation ``'delete'``) are removed. ``batched`` encodes 1000 rows per
+        step instead of one; the result is the same.
+        """
+        if self.template is None:
+            raise InvalidArgumentError(
+                "no template set; call set_template('Template', model_id=...) before encode()"
+            )
+        import datasets
+
+        template = self.template
+        for key in self._target_keys(None):
+            ds = self._get(key)
+            if "messages" not in ds.column_names:
+                raise InvalidArgumentError(
+                    f"encode needs a 'messages' column, {key!r} has {', '.join(ds.column_names)}; "
+                    "map a preprocessor such as 'SelfCognitionProcessor' first"
+                )
+            keep = [c for c in ds.column_names if c not in ENCODED_COLUMNS]
+
+            def encode_batch(batch: dict[str, list], keep: list[str] = keep) -> dict[str, list]:
+                out: dict[str, list] = {c: [] for c in (*keep, *ENCODED_COLUMNS)}
+                for i, messages in enumerate(batch["messages"]):
+                    encoded = template.encode(messages, add_generation_prompt=add_generation_prompt)
+                    if encoded is None:  # dropped by truncation_strategy='delete'
+                        continue
+                    for c in keep:
+                        out[c].append(batch[c][i])
+                    for c in ENCODED_COLUMNS:
+                        out[c].append(encoded[c])
+                return out
+
+            # Batched in datasets' sense either way: only a batched function may drop rows.
+            # The schema is given so that it holds even when every row is dropped.
+            features = datasets.Features(
+                {
+                    **{c: ds.features[c] for c in keep},
+                    "input_ids": _int_list_feature(datasets),
+                    "labels": _int_list_feature(datasets),
+                    "length": datasets.Value("int64"),
+                }
+            )
+            encoded = ds.map(
+                encode_batch,
+                batched=True,
+                batch_size=1000 if batched else 1,
+                remove_columns=ds.column_names,
+                features=features,
+                num_proc=num_proc,
+                desc="encode",
+                **_in_memory(),
+            )
+            self._replace(key, encoded)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> datasets.Dataset:
+        """The underlying Hugging Face dataset (the mixed one, or the only one added)."""
+        if self._mixed is not None:
+            return self._mixed
+        if len(self.datasets) == 1:
+            return next(iter(self.datasets.values()))
+        raise StateError(
+            f"{len(self.datasets)} datasets were added ({', '.join(self.datasets)}); call mix_dataset() first"
+        )
+
+    @property
+    def column_names(self) -> list[str]:
+        """The columns of the rows."""
+        return list(self.dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        """Row ``idx`` as a dict; negative indices count from the end."""
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            raise InvalidArgumentError(f"Dataset index must be an int, got {type(idx).__name__}")
+        ds = self.dataset
+        n = len(ds)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for a dataset of {n} rows")
+        return ds[idx % n]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        if self._mixed is not None or len(self.datasets) == 1:
+            return f"Dataset(rows={len(self)}, columns={self.column_names})"
+        return f"Dataset(unmixed: {', '.join(f'{k} ({len(v)} rows)' for k, v in self.datasets.items())})"
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _target_keys(self, dataset_meta: DatasetMeta | str | None) -> list[str]:
+        if dataset_meta is None:
+            return list(self.datasets) if self._mixed is None else [""]
+        key = _as_meta(dataset_meta).key
+        if self._mixed is not None:
+            raise StateError(f"the datasets were mixed; {key!r} can no longer be addressed on its own")
+        if key not in self.datasets:
+            raise InvalidArgumentError(f"dataset {key!r} was not added; added: {', '.join(self.datasets)}")
+        return [key]
+
+    def _get(self, key: str) -> datasets.Dataset:
+        return self._mixed if self._mixed is not None else self.datasets[key]
+
+    def _replace(self, key: str, ds: datasets.Dataset) -> None:
+        if self._mixed is not None:
+            self._mixed = ds
+        else:
+            self.datasets[key] = ds
+
+
+def _in_memory() -> dict[str, Any]:
+    """Keyword arguments for ``datasets`` transforms: results stay in memory, no cache file is
+    reused, and a fresh fingerprint spares datasets from hashing the function (hashing a
+    tokenizer is slow and not deterministic)."""
+    return {"keep_in_memory": True, "load_from_cache_file": False, "new_fingerprint": uuid.uuid4().hex}
+
+
+def _int_list_feature(datasets: Any) -> Any:
+    # datasets >= 4 spells a variable-length list ``List``; older versions ``Sequence``
+    list_type = getattr(datasets, "List", None) or datasets.Sequence
+    return list_type(datasets.Value("int64"))
+
+
+def _as_meta(dataset_meta: DatasetMeta | str) -> DatasetMeta:
+    if isinstance(dataset_meta, DatasetMeta):
+        return dataset_meta
+    if isinstance(dataset_meta, str):
+        return DatasetMeta(dataset_meta)
+    raise InvalidArgumentError(
+        f"expected a DatasetMeta or a dataset id string, got {type(dataset_meta).__name__}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _interleaved_order(sizes: list[int], seed: int) -> list[int]:
+    """Row positions in the concatenation of datasets of ``sizes`` rows, merged at random.
+
+    Each position in the result draws its source dataset at random (weighted by the rows it
+    has left), then takes that dataset's next row: every row appears once, in its own order.
+    """
+    sources = [k for k, n in enumerate(sizes) for _ in range(n)]
+    random.Random(seed).shuffle(sources)
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    taken = [0] * len(sizes)
+    order = []
+    for k in sources:
+        order.append(offsets[k] + taken[k])
+        taken[k] += 1
+    return order
+
+
+def _checked_row_function(
+    func: Callable[[dict[str, Any]], Any],
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def row_function(row: dict[str, Any]) -> dict[str, Any]:
+        out = func(row)
+        if not isinstance(out, dict):
+            name = getattr(func, "__name__", type(func).__name__)
+            raise InvalidArgumentError(
+                f"map function {name!r} must return a dict of columns, got {type(out).__name__}"
+            )
+        return out
+
+    return row_function
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_dataset(meta: DatasetMeta) -> datasets.Dataset:
+    """Load the rows ``meta`` names into an in-memory Hugging Face dataset."""
+    scheme, rest = _split_dataset_id(meta.dataset_id)
+    if scheme == "builtin":
+        ds = _load_builtin(meta.dataset_id, rest)
+    elif scheme == "local":
+        ds = _load_local(meta, Path(rest))
+    elif scheme == "hf":
+        ds = _load_hf(meta, rest)
+    else:
+        folder = Path(hub.snapshot_download("ms", rest, repo_type="dataset"))
+        ds = _load_folder(meta, folder)
+    indices = meta.select_indices(len(ds))
+    if indices is not None:
+        ds = ds.select(indices, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    return ds
+
+
+def _split_dataset_id(dataset_id: str) -> tuple[str, str]:
+    """Like ``hub.split_id``, but an id that is neither an existing path nor shaped like a hub
+    id (``org/name``) is a missing local file, not a ModelScope id to try to download."""
+    scheme, rest = hub.split_id(dataset_id)
+    if scheme == "ms" and not dataset_id.startswith("ms://"):
+        looks_local = (
+            not HUB_ID.match(dataset_id)
+            or dataset_id.startswith((".", "~"))
+            or dataset_id.lower().endswith(DATA_SUFFIXES)
+        )
+        if looks_local:
+            raise NotFoundError(f"dataset {dataset_id!r} not found: no such file or folder")
+    return scheme, rest
+
+
+def _load_builtin(dataset_id: str, name: str) -> datasets.Dataset:
+    if name not in BUILTIN_FILES:
+        raise NotFoundError(
+            f"unknown built-in dataset {dataset_id!r}; built-in: {', '.join(hub.BUILTIN_DATASETS)}"
+        )
+    resource = resources.files("twinkle.builtin").joinpath("data", BUILTIN_FILES[name])
+    with resources.as_file(resource) as path:
+        return _read_file(Path(path), dataset_id)
+
+
+def _load_local(meta: DatasetMeta, path: Path) -> datasets.Dataset:
+    if path.is_dir():
+        return _load_folder(meta, path)
+    # A single file has one table: subset and split do not apply to it.
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise InvalidArgumentError(
+            f"dataset {meta.dataset_id!r}: unsupported file type {path.suffix!r}; "
+            f"use {', '.join(DATA_SUFFIXES)}"
+        )
+    return _read_file(path, meta.dataset_id)
+
+
+def _load_folder(meta: DatasetMeta, folder: Path) -> datasets.Dataset:
+    """The data files of a folder (a local one or a hub snapshot), narrowed by subset and split.
+
+    ``subset_name`` picks a sub-folder of that name. ``split`` picks the files whose name or
+    folder starts with it (``train.jsonl``, ``train-0000.parquet``, ``test/x.csv``); when no
+    file names a split, all files are the ``train`` split.
+    """
+    root = folder
+    if meta.subset_name:
+        root = folder / meta.subset_name
+        if not root.is_dir():
+            raise NotFoundError(
+                f"dataset {meta.dataset_id!r} has no subset {meta.subset_name!r} (no folder {root})"
+            )
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in DATA_SUFFIXES
+        and p.name not in NOT_DATA
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise NotFoundError(
+            f"dataset {meta.dataset_id!r} not found: no {'/'.join(DATA_SUFFIXES)} files in {root}"
+        )
+
+    def split_of(p: Path) -> str | None:
+        for part in p.relative_to(root).parts:
+            m = re.match(r"^(train|validation|valid|dev|test)(?![a-z])", part.lower())
+            if m:
+                return m.group(1)
+        return None
+
+    named = {p: split_of(p) for p in files}
+    if any(named.values()):
+        files = [p for p in files if named[p] == meta.split.lower()]
+        if not files:
+            splits = sorted({s for s in named.values() if s})
+            raise NotFoundError(
+                f"dataset {meta.dataset_id!r} has no split {meta.split!r}; found: {', '.join(splits)}"
+            )
+    elif meta.split != "train":
+        raise NotFoundError(
+            f"dataset {meta.dataset_id!r} has no split {meta.split!r}; its files are all 'train'"
+        )
+    import datasets
+
+    parts = [_read_file(p, meta.dataset_id) for p in files]
+    try:
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"dataset {meta.dataset_id!r}: its files have different columns ({_first_line(exc)})"
+        ) from None
+
+
+def _read_file(path: Path, dataset_id: str) -> datasets.Dataset:
+    """One data file as an in-memory dataset (read directly: ``datasets.load_dataset`` would
+    write an Arrow cache)."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = _read_json_rows(path)
+            return datasets.Dataset.from_list(rows)
+        if suffix == ".csv":
+            import pyarrow.csv
+
+            return datasets.Dataset(pyarrow.csv.read_csv(path))
+        import pyarrow.parquet
+
+        return datasets.Dataset(pyarrow.parquet.read_table(path))
+    except InvalidArgumentError:
+        raise
+    except Exception as exc:  # pyarrow/json raise many types for a malformed file
+        raise InvalidArgumentError(
+            f"dataset {dataset_id!r}: cannot read {path.name} ({_first_line(exc)})"
+        ) from None
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InvalidArgumentError(f"{path.name} line {lineno} is not JSON ({exc.msg})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise InvalidArgumentError(f"{path.name} must hold JSON objects, one per row")
+    return rows
+
+
+def _load_hf(meta: DatasetMeta, name: str) -> datasets.Dataset:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, meta.subset_name, split=meta.split, keep_in_memory=True)
+    except datasets.exceptions.DatasetNotFoundError as exc:
+        raise NotFoundError(f"dataset hf://{name} not found ({_first_line(exc)})") from None
+    except Exception as exc:  # network, auth, bad subset/split: one line for the user
+        raise HubError(f"could not load hf://{name} ({_first_line(exc)})") from exc
+    return ds

@@ -1,0 +1,587 @@
+"""``MultiLoraTransformersModel``: one frozen base model, several independent LoRA adapters."""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .. import checkpoint as ckpt
+from ..api import api_method
+from ..errors import CapacityError, CheckpointError, InvalidArgumentError, NotFoundError, StateError
+from ..hub import canonical_model_id, resolve_model_dir, split_id
+from ..loss import Loss
+from ..paths import atomic_directory
+from ..processor import InputProcessor
+from ..registry import REGISTRY
+from ..template import Template
+from .adapter import AdapterState, ComponentSpec
+from .output import ForwardBackwardOutput, ForwardOutput
+
+_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,127}")
+# LoRA settings that would make an adapter touch more than its own low-rank weights.
+_REJECTED_LORA_FIELDS = {"modules_to_save": None, "trainable_token_indices": None}
+
+
+def _check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"{kind} name must be 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit; got {name!r}"
+        )
+    return name
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class MultiLoraTransformersModel:
+    """A causal LM from transformers with up to ``max_loras`` LoRA adapters on one frozen base.
+
+    Each adapter has its own template, processor, loss, optimizer, LR scheduler, step
+    counter and gradient-accumulation window; no call on one adapter changes another.
+    Calls take ``adapter_name``; it may be left out while the model has exactly one adapter.
+
+    Gradient accumulation is exact: with ``gradient_accumulation_steps=k`` the weights
+    change on every k-th micro-batch, and the update equals one step on the k micro-batches
+    merged (losses are summed over tokens and divided by the window's token count). On the
+    other micro-batches ``clip_grad_norm`` returns None and ``step``, ``zero_grad`` and
+    ``lr_step`` do nothing and return False.
+    """
+
+    def __init__(
+        self,
+        model_id: str = "builtin://tiny-qwen2",
+        *,
+        max_loras: int = 5,
+        max_r: int = 32,
+        device: str | None = None,
+        dtype: str | None = None,
+        output_dir: str = "twinkle_output",
+    ) -> None:
+        if not isinstance(max_loras, int) or max_loras < 1:
+            raise InvalidArgumentError(f"max_loras must be a positive integer, got {max_loras!r}")
+        if not isinstance(max_r, int) or max_r < 1:
+            raise InvalidArgumentError(f"max_r must be a positive integer, got {max_r!r}")
+        from transformers import AutoModelForCausalLM
+
+        self.model_id = canonical_model_id(model_id)
+        self.max_loras = max_loras
+        self.max_r = max_r
+        self.output_dir = Path(output_dir)
+        self.device = torch.device(device) if device else _default_device()
+        if dtype is None:
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype, None)
+            if not isinstance(torch_dtype, torch.dtype):
+                raise InvalidArgumentError(f"dtype must be a torch dtype name such as 'bfloat16', got {dtype!r}")
+        self.model_dir = resolve_model_dir(model_id)
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
+        base.to(self.device)
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self._base = base
+        self._peft: PeftModel | None = None
+        self._adapters: dict[str, AdapterState] = {}
+        self._next_slot = 0
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters on the model."""
+        return list(self._adapters)
+
+    @property
+    def free_slots(self) -> int:
+        """How many more adapters fit (``max_loras`` minus those in use)."""
+        return self.max_loras - len(self._adapters)
+
+    @api_method()
+    def add_adapter_to_model(
+        self,
+        adapter_name: str,
+        config: LoraConfig | dict[str, Any],
+        gradient_accumulation_steps: int = 1,
+        *,
+        seed: int = 42,
+    ) -> None:
+        """Add a LoRA adapter. Its weights start from ``seed``, so runs are reproducible."""
+        _check_name("adapter", adapter_name)
+        config = self._check_lora_config(config)
+        if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
+            raise InvalidArgumentError(
+                f"gradient_accumulation_steps must be an integer >= 1, got {gradient_accumulation_steps!r}"
+            )
+        with self._lock:
+            if adapter_name in self._adapters:
+                raise InvalidArgumentError(f"adapter {adapter_name!r} already exists on this model")
+            if self.free_slots <= 0:
+                raise CapacityError(
+                    f"all {self.max_loras} adapter slots are in use (max_loras={self.max_loras}); "
+                    "remove an adapter first"
+                )
+            peft_name = f"slot{self._next_slot}"
+            self._next_slot += 1
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                try:
+                    if self._peft is None:
+                        self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
+                    else:
+                        self._peft.add_adapter(peft_name, copy.deepcopy(config))
+                except (ValueError, TypeError) as exc:
+                    raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {exc}") from None
+            self._peft.to(self.device)
+            self._adapters[adapter_name] = AdapterState(
+                name=adapter_name,
+                peft_name=peft_name,
+                config=config,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+            )
+
+    @api_method()
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its slot."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            assert self._peft is not None
+            self._peft.delete_adapter(state.peft_name)
+            del self._adapters[state.name]
+
+    def _check_lora_config(self, config: LoraConfig | dict[str, Any]) -> LoraConfig:
+        if isinstance(config, dict):
+            try:
+                config = LoraConfig(**config)
+            except TypeError as exc:
+                raise InvalidArgumentError(f"bad LoRA config: {exc}") from None
+        if not isinstance(config, LoraConfig):
+            raise InvalidArgumentError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+        if config.r > self.max_r:
+            raise InvalidArgumentError(f"LoRA rank r={config.r} is above this model's max_r={self.max_r}")
+        if config.r < 1:
+            raise InvalidArgumentError(f"LoRA rank r must be >= 1, got {config.r}")
+        for field_name, allowed in _REJECTED_LORA_FIELDS.items():
+            if getattr(config, field_name, allowed) != allowed:
+                raise InvalidArgumentError(f"LoRA config field {field_name} is not supported on a shared base model")
+        if config.bias != "none":
+            raise InvalidArgumentError("LoRA config bias must be 'none' on a shared base model")
+        return config
+
+    def _adapter(self, adapter_name: str | None) -> AdapterState:
+        if adapter_name is None:
+            if len(self._adapters) == 1:
+                return next(iter(self._adapters.values()))
+            if not self._adapters:
+                raise StateError("the model has no adapter yet: call add_adapter_to_model(name, LoraConfig(...)) first")
+            raise InvalidArgumentError(f"the model has several adapters ({', '.join(self._adapters)}); pass adapter_name")
+        try:
+            return self._adapters[adapter_name]
+        except KeyError:
+            raise NotFoundError(f"no adapter named {adapter_name!r} on this model") from None
+
+    def _activate(self, state: AdapterState) -> PeftModel:
+        assert self._peft is not None
+        if self._peft.active_adapter != state.peft_name:
+            self._peft.set_adapter(state.peft_name)
+        return self._peft
+
+    def _params(self, state: AdapterState) -> list[torch.nn.Parameter]:
+        assert self._peft is not None
+        marker = f".{state.peft_name}."
+        return [p for n, p in self._peft.named_parameters() if marker in n]
+
+    # -------------------------------------------------------------- components
+
+    @api_method(deferred=True)
+    def set_template(self, template_cls: str = "Template", *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Set the chat template used to encode conversations (defaults to this model's tokenizer)."""
+        kwargs.setdefault("model_id", str(self.model_dir) if split_id(self.model_id)[0] == "builtin" else self.model_id)
+        template = REGISTRY.build("template", template_cls, **kwargs)
+        with self._lock:
+            self._adapter(adapter_name).template = template
+
+    @api_method(deferred=True)
+    def set_processor(
+        self, processor_cls: str = "InputProcessor", *, adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Set the processor that collates a list of encoded samples into tensors."""
+        processor = REGISTRY.build("processor", processor_cls, **kwargs)
+        with self._lock:
+            self._adapter(adapter_name).processor = processor
+
+    @api_method(deferred=True)
+    def set_loss(self, loss_cls: str = "CrossEntropyLoss", *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Set the training loss (default: ``CrossEntropyLoss``, per-token mean)."""
+        loss = REGISTRY.build("loss", loss_cls, **kwargs)
+        if not isinstance(loss, Loss):
+            raise InvalidArgumentError(f"{loss_cls!r} is not a twinkle loss")
+        with self._lock:
+            self._adapter(adapter_name).loss = loss
+
+    @api_method(deferred=True)
+    def set_optimizer(self, optimizer_cls: str = "AdamW", *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Set the optimizer: any ``torch.optim`` class by name, over this adapter's weights only."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            state.optimizer = REGISTRY.build("optimizer", optimizer_cls, self._params(state), **kwargs)
+            state.optimizer_spec = ComponentSpec(_spec_name(optimizer_cls), dict(kwargs))
+            state.scheduler = None
+            state.scheduler_spec = None
+
+    @api_method(deferred=True)
+    def set_lr_scheduler(
+        self, scheduler_cls: str = "LinearLR", *, adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Set the LR scheduler: any ``torch.optim.lr_scheduler`` class by name, or
+        ``LinearWarmupScheduler`` / ``CosineWarmupScheduler``. Call after ``set_optimizer``."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.optimizer is None:
+                raise StateError("set_lr_scheduler needs an optimizer: call set_optimizer(...) first")
+            state.scheduler = REGISTRY.build("lr_scheduler", scheduler_cls, state.optimizer, **kwargs)
+            state.scheduler_spec = ComponentSpec(_spec_name(scheduler_cls), dict(kwargs))
+
+    # ---------------------------------------------------------------- training
+
+    def _collate(self, state: AdapterState, inputs: Any) -> dict[str, torch.Tensor]:
+        if state.processor is None:
+            state.processor = InputProcessor()
+        if state.processor.pad_token_id is None:
+            state.processor.pad_token_id = self._pad_token_id(state)
+        batch = state.processor(inputs)
+        top = int(batch["input_ids"].max())
+        if top >= self.vocab_size:
+            raise InvalidArgumentError(f"input_ids contain token id {top}, outside the vocabulary of {self.vocab_size}")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _pad_token_id(self, state: AdapterState) -> int:
+        if state.template is None:
+            state.template = Template(model_id=str(self.model_dir))
+        return int(state.template.pad_token_id)
+
+    @api_method()
+    def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
+        """Forward and backward on one micro-batch; gradients add up until the window is complete."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.optimizer is None:
+                raise StateError(
+                    f"adapter {state.name!r} has no optimizer: call set_optimizer(...) before forward_backward"
+                )
+            batch = self._collate(state, inputs)
+            model = self._activate(state)
+            model.train()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            value = state.loss(out.logits, batch["labels"])
+            if value.num_tokens == 0:
+                raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
+            value.total.backward()
+            step_before = state.cur_step
+            state.micro_step += 1
+            state.micro_in_window += 1
+            state.tokens_in_window += value.num_tokens
+            state.consumed_train_samples += int(batch["input_ids"].shape[0])
+            state.last_loss = state.loss.report(value)
+            return ForwardBackwardOutput(
+                loss=state.last_loss,
+                num_tokens=value.num_tokens,
+                batch_size=int(batch["input_ids"].shape[0]),
+                step=step_before,
+                micro_step=state.micro_step,
+                accumulated=state.micro_in_window,
+                gradient_accumulation_steps=state.gradient_accumulation_steps,
+            )
+
+    @api_method()
+    def forward_only(
+        self, inputs: Any, *, adapter_name: str | None = None, return_logits: bool = False
+    ) -> ForwardOutput:
+        """Forward without gradients; the loss where the batch has labels, logits on request."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            batch = self._collate(state, inputs)
+            model = self._activate(state)
+            model.eval()
+            with torch.no_grad():
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                value = state.loss(out.logits, batch["labels"])
+            return ForwardOutput(
+                loss=state.loss.report(value) if value.num_tokens else None,
+                num_tokens=value.num_tokens,
+                logits=out.logits.detach().float().cpu() if return_logits else None,
+            )
+
+    def _normalize_grads(self, state: AdapterState) -> None:
+        if state.grads_normalized:
+            return
+        if state.loss.normalize_by_tokens and state.tokens_in_window:
+            scale = 1.0 / state.tokens_in_window
+            for param in self._params(state):
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        state.grads_normalized = True
+
+    @api_method()
+    def clip_grad_norm(
+        self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *, adapter_name: str | None = None
+    ) -> float | None:
+        """Clip the window's gradients; returns their norm before clipping, or None mid-window."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if not state.window_complete:
+                return None
+            self._normalize_grads(state)
+            grads = [p for p in self._params(state) if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, norm_type=norm_type)
+            state.last_grad_norm = float(norm)
+            return state.last_grad_norm
+
+    @api_method(deferred=True)
+    def step(self, *, adapter_name: str | None = None) -> bool:
+        """Update the weights if the accumulation window is complete; returns whether it did."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.optimizer is None:
+                raise StateError(f"adapter {state.name!r} has no optimizer: call set_optimizer(...) first")
+            if not state.window_complete:
+                return False
+            self._normalize_grads(state)
+            state.optimizer.step()
+            state.cur_step += 1
+            state.micro_in_window = 0
+            state.tokens_in_window = 0
+            state.pending_lr_steps += 1
+            return True
+
+    @api_method(deferred=True)
+    def zero_grad(self, *, adapter_name: str | None = None) -> bool:
+        """Clear gradients, unless a window is being accumulated (then a no-op returning False)."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.micro_in_window:
+                return False
+            for param in self._params(state):
+                param.grad = None
+            state.grads_normalized = False
+            return True
+
+    @api_method(deferred=True)
+    def lr_step(self, *, adapter_name: str | None = None) -> bool:
+        """Advance the LR scheduler once per optimizer update; returns whether it advanced."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.scheduler is None or state.pending_lr_steps == 0:
+                return False
+            state.scheduler.step()
+            state.pending_lr_steps = 0
+            return True
+
+    @api_method()
+    def clip_grad_and_step(self, max_grad_norm: float = 1.0, *, adapter_name: str | None = None) -> float | None:
+        """``clip_grad_norm``, ``step``, ``zero_grad`` and ``lr_step`` in one call."""
+        with self._lock:
+            norm = self.clip_grad_norm(max_grad_norm, adapter_name=adapter_name)
+            self.step(adapter_name=adapter_name)
+            self.zero_grad(adapter_name=adapter_name)
+            self.lr_step(adapter_name=adapter_name)
+            return norm
+
+    @api_method()
+    def get_train_state(self, *, adapter_name: str | None = None) -> dict[str, Any]:
+        """The adapter's counters: steps, consumed samples, accumulation position, LR, last loss."""
+        with self._lock:
+            return self._adapter(adapter_name).progress()
+
+    # ------------------------------------------------------------- checkpoints
+
+    @api_method()
+    def save(
+        self,
+        name: str,
+        save_optimizer: bool = False,
+        *,
+        adapter_name: str | None = None,
+        save_dir: str | None = None,
+    ) -> str:
+        """Save the adapter (PEFT format) as ``<save_dir>/<name>``; with ``save_optimizer`` also
+        the full training state. Returns the checkpoint's path. The write is atomic."""
+        _check_name("checkpoint", name)
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if save_optimizer and state.optimizer is None:
+                raise StateError("save_optimizer=True needs an optimizer: call set_optimizer(...) first")
+            target = Path(save_dir) if save_dir else self.output_dir / state.name
+            target = target / name
+            with atomic_directory(target) as tmp:
+                self._write_checkpoint(state, tmp, save_optimizer)
+            return str(target)
+
+    def _write_checkpoint(self, state: AdapterState, folder: Path, save_optimizer: bool) -> None:
+        assert self._peft is not None
+        weights = get_peft_model_state_dict(self._peft, adapter_name=state.peft_name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, folder / ckpt.ADAPTER_WEIGHTS,
+                  metadata={"format": "pt"})
+        config = copy.deepcopy(self._peft.peft_config[state.peft_name])
+        scheme, rest = split_id(self.model_id)
+        config.base_model_name_or_path = str(self.model_dir) if scheme in ("builtin", "local") else rest
+        config.save_pretrained(folder)
+        if save_optimizer:
+            assert state.optimizer is not None and state.optimizer_spec is not None
+            training_state: dict[str, Any] = {
+                "optimizer": state.optimizer.state_dict(),
+                "optimizer_spec": {"name": state.optimizer_spec.name, "kwargs": state.optimizer_spec.kwargs},
+                "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+                "scheduler_spec": (
+                    {"name": state.scheduler_spec.name, "kwargs": state.scheduler_spec.kwargs}
+                    if state.scheduler_spec
+                    else None
+                ),
+                "counters": {
+                    "micro_in_window": state.micro_in_window,
+                    "tokens_in_window": state.tokens_in_window,
+                    "pending_lr_steps": state.pending_lr_steps,
+                    "grads_normalized": state.grads_normalized,
+                },
+                # A save in the middle of a window must carry the gradients gathered so far.
+                "grads": (
+                    [None if p.grad is None else p.grad.detach().cpu() for p in self._params(state)]
+                    if state.micro_in_window
+                    else None
+                ),
+                "rng": ckpt.capture_rng_state(),
+            }
+            ckpt.save_training_state(folder, training_state)
+        ckpt.CheckpointMeta(
+            base_model=self.model_id,
+            lora_rank=int(state.config.r),
+            cur_step=state.cur_step,
+            micro_step=state.micro_step,
+            consumed_train_samples=state.consumed_train_samples,
+            gradient_accumulation_steps=state.gradient_accumulation_steps,
+            has_training_state=save_optimizer,
+            last_loss=state.last_loss,
+        ).write(folder)
+
+    @api_method()
+    def load(self, name: str, load_optimizer: bool = False, *, adapter_name: str | None = None) -> None:
+        """Load a checkpoint's weights into the adapter; with ``load_optimizer`` also its optimizer,
+        scheduler, counters, accumulated gradients and RNG states. Checked fully before anything changes."""
+        with self._lock:
+            state = self._adapter(adapter_name)
+            folder = ckpt.check_checkpoint_dir(name, need_training_state=load_optimizer)
+            meta = ckpt.CheckpointMeta.read(folder) if (folder / ckpt.META_FILE).exists() else None
+            if meta is not None and meta.base_model != self.model_id:
+                raise CheckpointError(f"checkpoint was trained on {meta.base_model}; this model is {self.model_id}")
+            saved_config = LoraConfig.from_pretrained(str(folder))
+            if saved_config.r != state.config.r:
+                raise CheckpointError(
+                    f"checkpoint has LoRA rank {saved_config.r}; adapter {state.name!r} has rank {state.config.r}"
+                )
+            weights = load_file(folder / ckpt.ADAPTER_WEIGHTS)
+            self._check_weights(state, weights)
+            training_state = ckpt.load_training_state(folder) if load_optimizer else None
+            optimizer, scheduler = (None, None)
+            if training_state is not None:
+                optimizer, scheduler = self._rebuild_optimizer(state, training_state)
+            # Everything is validated; from here on, apply.
+            assert self._peft is not None
+            set_peft_model_state_dict(self._peft, weights, adapter_name=state.peft_name)
+            if training_state is None:
+                return
+            assert meta is not None
+            state.optimizer, state.scheduler = optimizer, scheduler
+            state.optimizer_spec = ComponentSpec(**training_state["optimizer_spec"])
+            spec = training_state["scheduler_spec"]
+            state.scheduler_spec = ComponentSpec(**spec) if spec else None
+            counters = training_state["counters"]
+            state.cur_step = meta.cur_step
+            state.micro_step = meta.micro_step
+            state.consumed_train_samples = meta.consumed_train_samples
+            state.gradient_accumulation_steps = meta.gradient_accumulation_steps
+            state.last_loss = meta.last_loss
+            state.micro_in_window = counters["micro_in_window"]
+            state.tokens_in_window = counters["tokens_in_window"]
+            state.pending_lr_steps = counters["pending_lr_steps"]
+            state.grads_normalized = counters["grads_normalized"]
+            grads = training_state["grads"]
+            for param, grad in zip(self._params(state), grads or [None] * len(self._params(state)), strict=True):
+                param.grad = None if grad is None else grad.to(param.device, param.dtype)
+            ckpt.restore_rng_state(training_state["rng"])
+
+    def _check_weights(self, state: AdapterState, weights: dict[str, torch.Tensor]) -> None:
+        assert self._peft is not None
+        expected = get_peft_model_state_dict(self._peft, adapter_name=state.peft_name)
+        if set(expected) != set(weights):
+            diff = sorted(set(expected) ^ set(weights))
+            raise CheckpointError(
+                f"checkpoint does not fit adapter {state.name!r}: {len(diff)} weights differ (first: {diff[0]})"
+            )
+        for key, tensor in expected.items():
+            if tuple(weights[key].shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint weight {key} has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)}"
+                )
+
+    def _rebuild_optimizer(self, state: AdapterState, training_state: dict[str, Any]) -> tuple[Any, Any]:
+        spec = training_state["optimizer_spec"]
+        try:
+            optimizer = REGISTRY.build("optimizer", spec["name"], self._params(state), **spec["kwargs"])
+            scheduler = None
+            sspec = training_state["scheduler_spec"]
+            if sspec:
+                # Built before the optimizer state is loaded: a scheduler's constructor rewrites the LR.
+                scheduler = REGISTRY.build("lr_scheduler", sspec["name"], optimizer, **sspec["kwargs"])
+            optimizer.load_state_dict(training_state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(training_state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint's optimizer state does not fit adapter {state.name!r}: {exc}") from None
+        return optimizer, scheduler
+
+    @api_method()
+    def resume_from_checkpoint(
+        self, name: str, *, resume_only_model: bool = False, adapter_name: str | None = None
+    ) -> dict[str, int]:
+        """Load a checkpoint (with its training state unless ``resume_only_model``) and return
+        ``{cur_step, consumed_train_samples, gradient_accumulation_steps}`` for the dataloader."""
+        self.load(name, load_optimizer=not resume_only_model, adapter_name=adapter_name)
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if resume_only_model:
+                meta_path = Path(name)
+                if (meta_path / ckpt.META_FILE).exists():
+                    meta = ckpt.CheckpointMeta.read(meta_path)
+                    return {
+                        "cur_step": meta.cur_step,
+                        "consumed_train_samples": meta.consumed_train_samples,
+                        "gradient_accumulation_steps": meta.gradient_accumulation_steps,
+                    }
+            return {
+                "cur_step": state.cur_step,
+                "consumed_train_samples": state.consumed_train_samples,
+                "gradient_accumulation_steps": state.gradient_accumulation_steps,
+            }
+
+    @api_method()
+    def upload_to_hub(
+        self, checkpoint_dir: str, hub_model_id: str, hub_token: str | None = None, async_upload: bool = False
+    ) -> None:
+        """Upload a checkpoint folder to ModelScope (``ms://`` or a bare id) or Hugging Face (``hf://``)."""
+        from ..hub import upload_folder
+
+        folder = ckpt.check_checkpoint_dir(checkpoint_dir)
+        upload_folder(folder, hub_model_id, token=hub_token)
+
+
+def _spec_name(name_or_cls: Any) -> str:
+    return name_or_cls if isinstance(name_or_cls, str) else getattr(name_or_cls, "__name__", str(name_or_cls))

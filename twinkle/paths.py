@@ -1,0 +1,65 @@
+"""Where twinkle keeps files on this machine, and how to write a folder atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$TWINKLE_CACHE_DIR``, else ``~/.cache/twinkle``; read at call time."""
+    root = os.environ.get("TWINKLE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "twinkle")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it into place only if the block succeeds.
+
+    A crash inside the block leaves a hidden ``.tmp-*`` folder that no reader mistakes for a
+    finished one. With ``overwrite``, an existing target is swapped out after the new one is
+    complete, so readers always see either the old or the new folder in full.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(target)
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
