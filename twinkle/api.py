@@ -20,8 +20,9 @@ MARK = "__twinkle_api__"
 class ApiMethod:
     """How a method behaves remotely.
 
-    ``deferred``: the caller rarely needs the result at once, so a remote call returns
-    without waiting for its round trip; the value resolves when it is read.
+    ``deferred``: a remote call returns at once, without waiting for its round trip; its
+    result is a lazy value that resolves when read, and a failure surfaces at the next call
+    or read on the same object. Calls that are not deferred wait for their result.
     """
 
     name: str

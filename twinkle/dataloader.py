@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import processor as _processor  # noqa: F401  (registers 'InputProcessor' for set_processor)
+from .api import api_method
 from .errors import InvalidArgumentError
 from .registry import REGISTRY
 
@@ -67,6 +68,7 @@ class DataLoader:
         self.consumed_train_samples = 0
         self._order_cache: tuple[int, int, list[int]] | None = None  # (epoch, n, order)
 
+    @api_method(deferred=True)
     def set_processor(self, name_or_cls: str | type, **kwargs: Any) -> None:
         """Collate batches with a processor, e.g. ``set_processor('InputProcessor', padding_side='right')``.
 
@@ -92,10 +94,12 @@ class DataLoader:
         per_epoch = self.samples_per_epoch
         return self.consumed_train_samples // per_epoch if per_epoch else 0
 
+    @api_method()
     def __len__(self) -> int:
         """Batches per epoch."""
         return -(-self.samples_per_epoch // self.batch_size)
 
+    @api_method()
     def get_state(self) -> dict[str, Any]:
         """The position and settings to save with a checkpoint."""
         per_epoch = self.samples_per_epoch
@@ -110,6 +114,7 @@ class DataLoader:
             "drop_last": self.drop_last,
         }
 
+    @api_method()
     def resume_from_checkpoint(self, consumed_train_samples: int) -> None:
         """Continue as if ``consumed_train_samples`` samples had been yielded (any epoch, any offset)."""
         _check_int("consumed_train_samples", consumed_train_samples, minimum=0)
@@ -119,6 +124,7 @@ class DataLoader:
 
     # --- iteration ---------------------------------------------------------------------------
 
+    @api_method()
     def __iter__(self) -> Iterator[Any]:
         per_epoch = self.samples_per_epoch
         if per_epoch == 0:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import hub
+from ..api import api_method
 from ..errors import HubError, InvalidArgumentError, NotFoundError, StateError
 from ..preprocessor import Preprocessor
 from ..registry import REGISTRY
@@ -64,6 +65,7 @@ class Dataset:
 
     # --- building ---------------------------------------------------------------------------
 
+    @api_method(deferred=True)
     def add_dataset(self, dataset_meta: DatasetMeta | str) -> None:
         """Load another dataset beside the ones already here (mix them with ``mix_dataset``)."""
         meta = _as_meta(dataset_meta)
@@ -73,6 +75,7 @@ class Dataset:
             raise InvalidArgumentError(f"dataset {meta.key!r} was already added")
         self.datasets[meta.key] = load_dataset(meta)
 
+    @api_method(deferred=True)
     def mix_dataset(self, interleave: bool = True) -> None:
         """Merge the added datasets into one (calling it again does nothing).
 
@@ -96,6 +99,7 @@ class Dataset:
         self._mixed = merged
         self.datasets = {}
 
+    @api_method(deferred=True)
     def set_template(self, name_or_cls: str | type, **kwargs: Any) -> None:
         """Set the template that ``encode`` uses.
 
@@ -105,6 +109,7 @@ class Dataset:
 
     # --- transforming -----------------------------------------------------------------------
 
+    @api_method(deferred=True)
     def map(
         self,
         preprocess_func: str | type | Callable[[dict[str, Any]], dict[str, Any]],
@@ -140,6 +145,7 @@ class Dataset:
                 self._get(key).map(func, batched=batched, num_proc=num_proc, desc="map", **_in_memory()),
             )
 
+    @api_method(deferred=True)
     def filter(
         self,
         filter_func: str | type | Callable[[dict[str, Any]], bool],
@@ -166,6 +172,7 @@ class Dataset:
         for key in self._target_keys(dataset_meta):
             self._replace(key, self._get(key).filter(func, num_proc=num_proc, desc="filter", **_in_memory()))
 
+    @api_method(deferred=True)
     def encode(
         self, batched: bool = True, add_generation_prompt: bool = False, *, num_proc: int | None = None
     ) -> None:
@@ -243,9 +250,11 @@ class Dataset:
         """The columns of the rows."""
         return list(self.dataset.column_names)
 
+    @api_method()
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @api_method()
     def __getitem__(self, idx: int) -> dict[str, Any]:
         """Row ``idx`` as a dict; negative indices count from the end."""
         if isinstance(idx, bool) or not isinstance(idx, int):

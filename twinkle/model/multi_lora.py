@@ -269,7 +269,7 @@ class MultiLoraTransformersModel:
             state.template = Template(model_id=str(self.model_dir))
         return int(state.template.pad_token_id)
 
-    @api_method()
+    @api_method(deferred=True)
     def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
         """Forward and backward on one micro-batch; gradients add up until the window is complete."""
         with self._lock:
@@ -331,7 +331,7 @@ class MultiLoraTransformersModel:
                     param.grad.mul_(scale)
         state.grads_normalized = True
 
-    @api_method()
+    @api_method(deferred=True)
     def clip_grad_norm(
         self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *, adapter_name: str | None = None
     ) -> float | None:
@@ -386,7 +386,7 @@ class MultiLoraTransformersModel:
             state.pending_lr_steps = 0
             return True
 
-    @api_method()
+    @api_method(deferred=True)
     def clip_grad_and_step(self, max_grad_norm: float = 1.0, *, adapter_name: str | None = None) -> float | None:
         """``clip_grad_norm``, ``step``, ``zero_grad`` and ``lr_step`` in one call."""
         with self._lock:

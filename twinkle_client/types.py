@@ -1,0 +1,244 @@
+"""The wire contract between ``twinkle_client`` and ``twinkle_server``: pydantic models only.
+
+Management routes (JSON, all under ``/api/v1``)::
+
+    GET    /health                                               -> HealthResponse (no auth)
+    GET    /server                                               -> ServerInfo
+    GET    /training_runs?limit=&offset=                         -> TrainingRunsResponse
+    GET    /training_runs/{run_id}                               -> TrainingRun
+    GET    /training_runs/{run_id}/checkpoints                   -> CheckpointsListResponse
+    GET    /training_runs/{run_id}/checkpoints/{checkpoint_id}   -> Checkpoint
+    DELETE /training_runs/{run_id}/checkpoints/{checkpoint_id}   -> DeleteCheckpointResponse
+    GET    /training_runs/{run_id}/metrics?since_step=           -> MetricsResponse
+    GET    /uploads/{upload_id}                                  -> UploadStatus
+
+Remote objects (bodies in msgpack, see ``codec``; JSON also accepted)::
+
+    POST   /objects                       CreateObjectRequest -> ObjectInfo
+    POST   /objects/{object_id}/calls     CallBatch           -> CallBatchResult
+    DELETE /objects/{object_id}                               -> ObjectInfo
+
+Every error body is ``ErrorResponse``. Checkpoints are named by ``twinkle://`` paths
+(``twinkle://<run_id>/weights/<name>``); the server never reveals or accepts its own paths.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_PREFIX = "/api/v1"
+TWINKLE_SCHEME = "twinkle://"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------- errors
+
+
+class ErrorInfo(_Model):
+    """One failure: a stable code (see ``twinkle.errors``), a one-line message, and where it came from."""
+
+    code: str
+    message: str
+    request_id: str | None = None
+    call: str | None = None
+    """For a failed remote call: the method that failed, e.g. ``'step'``."""
+
+
+class ErrorResponse(_Model):
+    error: ErrorInfo
+
+
+# ------------------------------------------------------------ server, health
+
+
+class HealthResponse(_Model):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ServerInfo(_Model):
+    version: str
+    base_model: str
+    """The one model this server trains adapters on, e.g. ``builtin://tiny-qwen2``."""
+    max_loras: int
+    max_r: int
+    used_slots: int
+    free_slots: int
+    device: str
+    idle_timeout_s: float
+    user: str
+    """The name of the user the key belongs to."""
+
+
+# ------------------------------------------------------------ runs, checkpoints
+
+
+class Cursor(_Model):
+    limit: int
+    offset: int
+    total_count: int
+
+
+class TrainingRun(_Model):
+    """One adapter's training history on the server."""
+
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    """The owning user's *name* (never a key)."""
+    adapter_name: str
+    is_lora: bool = True
+    lora_rank: int | None = None
+    lora_config: dict[str, Any] = Field(default_factory=dict)
+    gradient_accumulation_steps: int = 1
+    components: dict[str, Any] = Field(default_factory=dict)
+    """How template, processor, loss, optimizer and scheduler were set: ``{kind: {name, kwargs}}``."""
+    created: datetime
+    last_request_time: datetime | None = None
+    cur_step: int = 0
+    consumed_train_samples: int = 0
+    last_loss: float | None = None
+    num_checkpoints: int = 0
+    last_checkpoint: str | None = None
+    """The newest checkpoint's ``twinkle://`` path."""
+    status: Literal["active", "detached"] = "detached"
+    """``active`` while a live remote model trains it."""
+    revision: int = 0
+    """Bumped when the run is resumed from an earlier checkpoint (its later metrics are superseded)."""
+
+
+class TrainingRunsResponse(_Model):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class Checkpoint(_Model):
+    checkpoint_id: str
+    """The name given to ``save`` (e.g. ``step-10``)."""
+    checkpoint_type: Literal["training"] = "training"
+    training_run_id: str
+    twinkle_path: str
+    time: datetime
+    size_bytes: int
+    step: int
+    consumed_train_samples: int = 0
+    loss: float | None = None
+    """The last micro-batch loss before the save."""
+    has_optimizer: bool
+    base_model: str
+    is_lora: bool = True
+    lora_rank: int | None = None
+
+
+class CheckpointsListResponse(_Model):
+    checkpoints: list[Checkpoint]
+
+
+class DeleteCheckpointResponse(_Model):
+    success: bool
+    message: str
+
+
+class CheckpointPath(_Model):
+    """What ``get_checkpoint_path`` returns; ``str()`` is the ``twinkle://`` path."""
+
+    twinkle_path: str
+    training_run_id: str
+    checkpoint_id: str
+    checkpoint_type: Literal["training"] = "training"
+
+    @property
+    def path(self) -> str:
+        return self.twinkle_path
+
+    def __str__(self) -> str:
+        return self.twinkle_path
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class MetricPoint(_Model):
+    """One forward_backward micro-batch of a run.
+
+    ``step`` is the optimizer step the micro-batch contributes to (1-based). When that
+    step's update happens, ``grad_norm`` and ``lr`` are filled in and ``completed`` is true.
+    """
+
+    step: int
+    micro_step: int
+    loss: float
+    num_tokens: int
+    grad_norm: float | None = None
+    lr: float | None = None
+    completed: bool = False
+    time: float
+    """Wall time (unix seconds) of the forward_backward."""
+    superseded: bool = False
+    """True for points of a branch abandoned by a resume from an earlier checkpoint."""
+
+
+class MetricsResponse(_Model):
+    training_run_id: str
+    revision: int
+    """The run's resume counter: when it changes, refetch from ``since_step=0``."""
+    points: list[MetricPoint]
+    """Points with ``step > since_step``, oldest first; superseded ones included."""
+    total_steps: int | None = None
+    """Planned optimizer steps, when the client announced them."""
+
+
+# ------------------------------------------------------------ remote objects
+
+
+class CreateObjectRequest(_Model):
+    kind: Literal["dataset", "dataloader", "model"]
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectInfo(_Model):
+    object_id: str
+    kind: Literal["dataset", "dataloader", "model"]
+
+
+class Call(_Model):
+    seq: int = Field(ge=1)
+    """Per-object sequence number. The server runs each seq at most once and in order; a
+    retried seq gets the stored result back."""
+    method: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class CallBatch(_Model):
+    calls: list[Call] = Field(min_length=1)
+
+
+class CallResult(_Model):
+    seq: int
+    ok: bool
+    value: Any = None
+    error: ErrorInfo | None = None
+
+
+class CallBatchResult(_Model):
+    results: list[CallResult]
+    """One per executed (or failed) call, in order. Calls after a failure are not run and not listed."""
+
+
+# ------------------------------------------------------------------ uploads
+
+
+class UploadStatus(_Model):
+    upload_id: str
+    status: Literal["queued", "running", "completed", "failed"]
+    hub_model_id: str
+    error: str | None = None
+    progress: str | None = None
