@@ -15,3 +15,289 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("HF_HOME", os.path.join(_ROOT, "hf"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_ROOT, "mpl"))
+
+
+# ------------------------------------------------------------------ twinkle-server fixtures
+# Test modules cannot import conftest (pytest runs with --import-mode=importlib), so the
+# server helpers reach tests as fixtures:
+#
+# - ``start_server(data_dir, *extra_args, timeout=120.0) -> ServerHandle`` (session-scoped
+#   factory): runs ``python -m twinkle_server.cli serve --port 0 --data-dir DATA_DIR
+#   *extra_args`` and waits for ``twinkle-server listening on http://HOST:PORT``. A handle
+#   has ``url`` (``http://127.0.0.1:PORT``), ``api`` (``url + '/api/v1'``), ``process``,
+#   ``data_dir``, ``stop(timeout=15) -> exit code`` (SIGTERM, then SIGKILL), ``kill()``
+#   (SIGKILL, like a crash) and ``log() -> str`` (its stderr so far). Servers still running
+#   at the end of the session are stopped.
+# - ``add_user(data_dir, name) -> key`` (session): ``twinkle-server users add NAME``.
+# - ``server`` (session): one ``ServerHandle`` with ``--max-loras 16`` shared by all modules.
+#   Delete the model objects you create so that slots stay free.
+# - ``server_user`` (function): ``(name, key)`` of a fresh user on ``server``.
+# - ``raw_client(server_or_api_url, key) -> RawClient`` (session factory): httpx with msgpack
+#   bodies via ``twinkle_client.codec``: ``create(kind, *args, idempotency_key=None, **kwargs)
+#   -> object id``, ``calls(object_id, [(method, args, kwargs), ...]) -> httpx.Response``
+#   (seqs tracked per object), ``call(object_id, method, *args, **kwargs) -> value`` (asserts
+#   success), ``post(path, data, headers)``, ``get(path, **params)``, ``delete(path)``,
+#   ``RawClient.body(response)`` (msgpack or JSON). Closed at the end of the session.
+# - ``raw_helpers`` (session): ``raw_dataloader(client, rows=32, batch_size=4) -> (dataset id,
+#   loader id)`` (built-in self-cognition, templated and encoded); ``raw_model(client,
+#   adapter='default', r=4, lr=1e-3) -> model id`` (adapter, InputProcessor, AdamW set);
+#   ``train_steps(client, model, loader, n) -> losses`` (n steps on a fresh epoch).
+
+import itertools  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+SERVER_LISTENING = "twinkle-server listening on "
+
+
+def _server_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "twinkle_server.cli", *args]
+
+
+@dataclass
+class ServerHandle:
+    """A running ``twinkle-server serve`` subprocess."""
+
+    url: str
+    process: subprocess.Popen
+    data_dir: Path
+    log_path: Path
+    _log_files: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def api(self) -> str:
+        return self.url + "/api/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (a clean shutdown), then SIGKILL if it does not exit in ``timeout`` seconds."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._close_files()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as in a crash."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for f in self._log_files:
+            f.close()
+        self._log_files.clear()
+
+
+_server_counter = itertools.count()
+
+
+def launch_server(data_dir: str | Path, *extra_args: str, timeout: float = 120.0) -> ServerHandle:
+    """Start ``twinkle-server serve --port 0`` on ``data_dir`` and wait until it listens."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    n = next(_server_counter)
+    out_path = data_dir / f"server-{n}.stdout"
+    log_path = data_dir / f"server-{n}.stderr"
+    out, err = out_path.open("w"), log_path.open("w")
+    process = subprocess.Popen(
+        _server_cmd("serve", "--port", "0", "--data-dir", str(data_dir), *extra_args),
+        stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+    )
+    handle = ServerHandle("", process, data_dir, log_path, [out, err])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in out_path.read_text(errors="replace").splitlines():
+            if line.startswith(SERVER_LISTENING):
+                handle.url = line[len(SERVER_LISTENING):].strip()
+                return handle
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    handle.kill()
+    raise RuntimeError(f"twinkle-server did not start (exit {process.returncode}):\n{handle.log()[-3000:]}")
+
+
+def create_user(data_dir: str | Path, name: str) -> str:
+    """Create a user with the CLI and return its API key (the last line of the output)."""
+    proc = subprocess.run(
+        _server_cmd("users", "add", name, "--data-dir", str(data_dir)),
+        capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"users add {name} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class RawClient:
+    """The object and management routes over plain httpx, bodies packed with ``twinkle_client.codec``."""
+
+    def __init__(self, api: str, key: str | None, timeout: float = 120.0) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=api, headers=headers, timeout=timeout)
+        self.seqs: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.http.close()
+
+    def post(self, path: str, data: Any, headers: dict[str, str] | None = None) -> Any:
+        from twinkle_client import codec
+
+        return self.http.post(
+            path, content=codec.pack(codec.to_wire(data)),
+            headers={"Content-Type": codec.CONTENT_TYPE, **(headers or {})},
+        )
+
+    @staticmethod
+    def body(response: Any) -> Any:
+        """The decoded body of a response, msgpack or JSON."""
+        from twinkle_client import codec
+
+        if response.headers.get("content-type", "").startswith(codec.CONTENT_TYPE):
+            return codec.unpack(response.content)
+        return response.json()
+
+    def create(self, kind: str, *args: Any, idempotency_key: str | None = None, **kwargs: Any) -> str:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        r = self.post("/objects", {"kind": kind, "args": list(args), "kwargs": kwargs}, headers)
+        assert r.status_code == 200, (r.status_code, self.body(r))
+        return self.body(r)["object_id"]
+
+    def calls(self, object_id: str, calls: list[tuple[str, list[Any], dict[str, Any]]]) -> Any:
+        batch = []
+        for method, args, kwargs in calls:
+            seq = self.seqs[object_id] = self.seqs.get(object_id, 0) + 1
+            batch.append({"seq": seq, "method": method, "args": list(args), "kwargs": dict(kwargs)})
+        return self.post(f"/objects/{object_id}/calls", {"calls": batch})
+
+    def call(self, object_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        from twinkle_client import codec
+
+        r = self.calls(object_id, [(method, list(args), kwargs)])
+        assert r.status_code == 200, (r.status_code, self.body(r))
+        result = self.body(r)["results"][0]
+        assert result["ok"], result["error"]
+        return codec.from_wire(result["value"], tensors=False)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.http.get(path, params=params or None)
+
+    def delete(self, path: str) -> Any:
+        return self.http.delete(path)
+
+
+def raw_dataloader(client: RawClient, rows: int = 32, batch_size: int = 4) -> tuple[str, str]:
+    """A remote dataset of ``rows`` encoded samples and a dataloader over it."""
+    from twinkle.dataset import DatasetMeta
+
+    dataset = client.create("dataset", DatasetMeta("builtin://self-cognition", data_slice=range(rows)))
+    r = client.calls(dataset, [
+        ("set_template", ["Template"], {"model_id": "builtin://tiny-qwen2", "max_length": 256}),
+        ("map", ["SelfCognitionProcessor"], {"init_args": {"model_name": "Twinkle", "model_author": "Lab"}}),
+        ("encode", [], {}),
+    ])
+    assert r.status_code == 200 and all(x["ok"] for x in client.body(r)["results"]), client.body(r)
+    loader = client.create("dataloader", dataset={"__ref__": dataset}, batch_size=batch_size)
+    return dataset, loader
+
+
+def raw_model(client: RawClient, adapter: str = "default", r: int = 4, lr: float = 1e-3) -> str:
+    """A remote model object with one adapter, ready to train."""
+    from peft import LoraConfig
+
+    model = client.create("model", "builtin://tiny-qwen2")
+    resp = client.calls(model, [
+        ("add_adapter_to_model", [adapter, LoraConfig(r=r, target_modules="all-linear")], {}),
+        ("set_processor", ["InputProcessor"], {"padding_side": "right"}),
+        ("set_optimizer", ["AdamW"], {"lr": lr}),
+    ])
+    assert resp.status_code == 200 and all(x["ok"] for x in client.body(resp)["results"]), client.body(resp)
+    return model
+
+
+def train_steps(client: RawClient, model: str, loader: str, n: int) -> list[float]:
+    """``n`` optimizer steps on the next ``n`` batches of a fresh epoch (``n`` <= batches per epoch)."""
+    client.call(loader, "_twinkle_start_epoch", 0)
+    batches = client.call(loader, "_twinkle_next", n)["batches"]
+    losses = []
+    for batch in batches:
+        r = client.calls(model, [("forward_backward", [], {"inputs": batch}), ("clip_grad_norm", [1.0], {}),
+                                 ("step", [], {}), ("zero_grad", [], {})])
+        results = client.body(r)["results"]
+        assert all(x["ok"] for x in results), results
+        losses.append(results[0]["value"]["value"]["loss"])
+    return losses
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator[Callable[..., ServerHandle]]:
+    """Factory ``start_server(data_dir, *extra_args, timeout=120.0) -> ServerHandle``."""
+    handles: list[ServerHandle] = []
+
+    def start(data_dir: str | Path, *extra_args: str, timeout: float = 120.0) -> ServerHandle:
+        handle = launch_server(data_dir, *extra_args, timeout=timeout)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def add_user() -> Callable[[str | Path, str], str]:
+    """``add_user(data_dir, name) -> key``."""
+    return create_user
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, start_server: Callable[..., ServerHandle]) -> ServerHandle:
+    """One twinkle-server for the whole session (``--max-loras 16``)."""
+    return start_server(tmp_path_factory.mktemp("server-data"), "--max-loras", "16")
+
+
+@pytest.fixture
+def server_user(server: ServerHandle) -> tuple[str, str]:
+    """A fresh user on the session server: ``(name, key)``."""
+    name = f"user-{uuid.uuid4().hex[:8]}"
+    return name, create_user(server.data_dir, name)
+
+
+@pytest.fixture(scope="session")
+def raw_client() -> Iterator[Callable[[Any, str | None], RawClient]]:
+    """Factory ``raw_client(server_or_api_url, key) -> RawClient``."""
+    clients: list[RawClient] = []
+
+    def make(target: Any, key: str | None) -> RawClient:
+        client = RawClient(target.api if isinstance(target, ServerHandle) else str(target), key)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def raw_helpers() -> SimpleNamespace:
+    """``raw_dataloader``, ``raw_model`` and ``train_steps`` (see the comment above)."""
+    return SimpleNamespace(raw_dataloader=raw_dataloader, raw_model=raw_model, train_steps=train_steps)

@@ -18,6 +18,13 @@ Remote objects (bodies in msgpack, see ``codec``; JSON also accepted)::
     POST   /objects/{object_id}/calls     CallBatch           -> CallBatchResult
     DELETE /objects/{object_id}                               -> ObjectInfo
 
+Request bodies may be gzipped (``Content-Encoding: gzip``: the client sends large call
+batches so); a server that cannot inflate them answers 415 and gets plain bodies after.
+``add_adapter_to_model``'s call result is ``{"training_run_id": <run id>}`` (the client keeps
+it as ``model.training_run_id`` and returns None, as the local method does);
+``resume_from_checkpoint``'s dict adds the ``training_run_id`` the adapter trains from then on.
+A dataloader's ``_twinkle_next`` answers ``{"batches": [...], "sizes": [samples per batch], "end"}``.
+
 Every error body is ``ErrorResponse``. Checkpoints are named by ``twinkle://`` paths
 (``twinkle://<run_id>/weights/<name>``); the server never reveals or accepts its own paths.
 """

@@ -1,0 +1,287 @@
+"""``twinkle-server``: run the server, manage its users.
+
+    twinkle-server serve [--model ID] [--host H] [--port P] [--data-dir DIR] [--max-loras N]
+                         [--max-r R] [--idle-timeout S] [--allow-local-data]
+    twinkle-server users add NAME      # prints the new key as the last line, once
+    twinkle-server users list
+    twinkle-server users revoke NAME
+
+Errors are one line on stderr and exit code 1. ``users`` commands never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from twinkle.errors import TwinkleError
+
+from .settings import DEFAULT_IDLE_TIMEOUT, DEFAULT_MODEL, Settings, default_data_dir
+
+log = logging.getLogger("twinkle_server")
+LISTENING = "twinkle-server listening on"
+
+
+class CliError(Exception):
+    """A failure to report as one line and exit code 1."""
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or library chatter in the server's output (set before those libraries load)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices of the ML libraries speak to their developers, not to a server operator.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|datasets|torch)(\.|$)")
+    # peft notes which slot becomes active when an adapter is removed; every call activates its own.
+    warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted", category=UserWarning)
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("twinkle_server")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinkle-server", description="The twinkle training server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, default=None,
+                       help="database and checkpoints (default: $TWINKLE_DATA_DIR or ./twinkle_data)")
+
+    serve = sub.add_parser("serve", help="load the base model and serve it")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"the base model (default: {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (0: pick a free one; default 8000)")
+    data_dir_option(serve)
+    serve.add_argument("--max-loras", type=_positive_int, default=5, help="adapter slots (default 5)")
+    serve.add_argument("--max-r", type=_positive_int, default=32, help="highest LoRA rank (default 32)")
+    serve.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT,
+                       help=f"seconds without calls before a remote object is closed (default {DEFAULT_IDLE_TIMEOUT:g})")
+    serve.add_argument("--allow-local-data", action="store_true",
+                       help="let clients name files of this machine as datasets and templates")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+    users = sub.add_parser("users", help="manage users and their API keys")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="create a user and print its API key (shown once)")
+    add.add_argument("name")
+    data_dir_option(add)
+    listing = users_sub.add_parser("list", help="list users (keys are never shown)")
+    data_dir_option(listing)
+    revoke = users_sub.add_parser("revoke", help="revoke a user's key")
+    revoke.add_argument("name")
+    data_dir_option(revoke)
+    return parser
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) if args.data_dir is not None else default_data_dir()
+
+
+# --------------------------------------------------------------------------- users
+
+
+def _open_store(data_dir: Path) -> Any:
+    from .store import Store
+
+    try:
+        return Store(Settings(data_dir=data_dir).db_path)
+    except Exception as exc:
+        raise CliError(f"cannot open the database in {data_dir}: {exc}") from None
+
+
+def users_command(args: argparse.Namespace) -> None:
+    from .auth import create_user
+
+    store = _open_store(_data_dir(args))
+    try:
+        if args.users_command == "add":
+            user, key = create_user(store, args.name)
+            print(f"created user {user.name}")
+            print("API key (shown only now; store it safely):")
+            print(key, flush=True)
+        elif args.users_command == "list":
+            users = store.users()
+            if not users:
+                print("no users")
+            for user in users:
+                created = datetime.fromtimestamp(user.created).strftime("%Y-%m-%d %H:%M")
+                status = "active" if user.active else "revoked"
+                print(f"{user.name}\t{status}\tcreated {created}")
+        else:
+            store.revoke_user(args.name)
+            print(f"revoked user {args.name}")
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CliError(f"cannot listen on {_url(host, port)}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args: argparse.Namespace) -> None:
+    _quiet_libraries()
+    settings = Settings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        data_dir=_data_dir(args),
+        max_loras=args.max_loras,
+        max_r=args.max_r,
+        idle_timeout=args.idle_timeout,
+        allow_local_data=args.allow_local_data,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    # Bind first: a taken port fails in a second, not after the model has loaded.
+    sock = _bind(settings.host, settings.port)
+    ctx = _build_context(settings)
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(ctx)
+    host, port = sock.getsockname()[:2]
+    url = _url(settings.host, port)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(f"{LISTENING} {url}", flush=True)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            # Here, not after run(): uvicorn re-raises SIGTERM/SIGINT once run() unwinds.
+            await asyncio.to_thread(ctx.shutdown)
+            log.info("stopped")
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    server = _Server(config)
+    ctx.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        ctx.shutdown()  # a no-op when the server's own shutdown already did it
+
+
+def _build_context(settings: Settings) -> Any:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = _open_store(settings.data_dir)
+    from .runs import reconcile
+
+    counts = reconcile(store, settings)
+    if any(counts.values()):
+        log.info(
+            "reconciled the data directory: %(dropped)d checkpoint rows without folders dropped, "
+            "%(added)d folders recorded, %(removed_tmp)d unfinished saves removed, %(detached)d runs detached",
+            counts,
+        )
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # only cosmetics
+        pass
+    from twinkle.model import MultiLoraTransformersModel
+
+    from .context import ServerContext
+
+    log.info("loading %s", settings.model)
+    try:
+        model = MultiLoraTransformersModel(
+            settings.model,
+            max_loras=settings.max_loras,
+            max_r=settings.max_r,
+            device=settings.device,
+            dtype=settings.dtype,
+            output_dir=str(settings.scratch_dir),
+        )
+    except TwinkleError as exc:
+        store.close()
+        raise CliError(f"cannot load {settings.model}: {exc}") from None
+    dtype = str(getattr(model._base, "dtype", "")).removeprefix("torch.")
+    log.info("serving %s on %s (%s), %d adapter slots, max_r %d", model.model_id, model.device, dtype,
+             model.max_loras, model.max_r)
+    return ServerContext(settings=settings, store=store, model=model, dtype=dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``twinkle-server`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "serve":
+            serve(args)
+        else:
+            users_command(args)
+    except (CliError, TwinkleError) as exc:
+        print(f"twinkle-server: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""``ServerContext``: the one bundle of server state the routes work with."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from twinkle.model import MultiLoraTransformersModel
+
+from .objects import ObjectRegistry, Reaper, RemoteObject
+from .runs import ModelHandle, RunBook
+from .settings import Settings
+from .store import Store
+from .uploads import UploadManager
+from .worker import DeviceWorker
+
+T = TypeVar("T")
+log = logging.getLogger("twinkle_server")
+
+
+@dataclass
+class ServerContext:
+    """Settings, database, the served model and the machinery that runs calls on it."""
+
+    settings: Settings
+    store: Store
+    model: MultiLoraTransformersModel
+    dtype: str
+    worker: DeviceWorker = field(default_factory=DeviceWorker)
+    uploads: UploadManager = field(default_factory=UploadManager)
+    objects: ObjectRegistry = field(init=False)
+    book: RunBook = field(init=False)
+    data_pool: ThreadPoolExecutor = field(init=False)
+    reaper: Reaper = field(init=False)
+    _shut_down: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.objects = ObjectRegistry(self.settings.idle_timeout, self.settings.max_objects_per_user)
+        self.book = RunBook(self.store, self.settings, self.model, self.uploads)
+        self.data_pool = ThreadPoolExecutor(self.settings.data_threads, thread_name_prefix="twinkle-data")
+        # Check a few times per timeout, so that expiry happens close to when it is due.
+        interval = min(max(self.settings.idle_timeout / 4, 0.2), 10.0)
+        self.reaper = Reaper(self.objects, self.close_object, interval)
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def start(self) -> None:
+        self.reaper.start()
+
+    def submit(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` where objects of ``obj_kind`` run: the device worker for models, else a data thread."""
+        if obj_kind == "model":
+            return self.worker.submit(user_id, fn)
+        return self.data_pool.submit(fn)
+
+    async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> T:
+        """``submit`` and await, without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit(obj_kind, user_id, fn))
+
+    def close_object(self, obj: RemoteObject, why: str) -> None:
+        """Release what an object holds (a model's adapters and runs), from any thread but the loop."""
+        if isinstance(obj.instance, ModelHandle):
+            self.worker.call(obj.user_id, obj.instance.close)
+        log.info("user %s: %s %s %s", obj.user_name, obj.kind, obj.object_id, why)
+
+    def shutdown(self) -> None:
+        """Stop the reaper, detach every live model's runs, stop the threads, close the database (once)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.reaper.stop()
+        for obj in self.objects.pop_all():
+            try:
+                self.close_object(obj, "closed at shutdown")
+            except Exception:
+                log.exception("closing %s at shutdown failed", obj.object_id)
+        self.worker.stop()
+        self.data_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    def new_model_handle(self, user: Any, object_id: str) -> ModelHandle:
+        return ModelHandle(self.book, user, object_id)

@@ -1,0 +1,201 @@
+"""The three kinds of remote object: how each is created and which methods it answers.
+
+The callable methods are exactly the library's marked API (``twinkle.api.api_methods``) of
+the local class, so the local class stays the one definition of the remote API. Data
+objects (datasets, dataloaders) run on the data threads; models on the device worker
+(see ``runs.ModelHandle``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from twinkle.api import api_methods
+from twinkle.dataloader import DataLoader
+from twinkle.dataset import Dataset, DatasetMeta
+from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
+from twinkle.hub import canonical_model_id
+from twinkle.model import MultiLoraTransformersModel
+
+from .policy import check_remote_id
+from .runs import MODEL_METHODS
+from .settings import Settings
+
+KINDS = ("dataset", "dataloader", "model")
+CLASS_NAMES = {"dataset": "Dataset", "dataloader": "DataLoader", "model": "MultiLoraTransformersModel"}
+# The dataloader's iteration protocol replaces __iter__: an epoch is fetched in chunks of batches.
+START_EPOCH = "_twinkle_start_epoch"
+NEXT = "_twinkle_next"
+MAX_BATCHES_PER_CALL = 1024
+
+METHODS: dict[str, frozenset[str]] = {
+    "dataset": frozenset(api_methods(Dataset)),
+    "dataloader": frozenset(set(api_methods(DataLoader)) - {"__iter__"} | {START_EPOCH, NEXT}),
+    "model": frozenset(MODEL_METHODS),
+}
+# Model settings that belong to the server: a client may repeat them, not change them.
+SERVER_SETTINGS = ("max_loras", "max_r", "device", "dtype")
+
+
+def check_method(kind: str, method: str) -> None:
+    if method not in METHODS[kind]:
+        raise InvalidArgumentError(f"{CLASS_NAMES[kind]} has no remote method {str(method)[:100]!r}")
+
+
+def _bind(label: str, fn: Any, args: list[Any], kwargs: dict[str, Any], *, has_self: bool) -> inspect.BoundArguments:
+    try:
+        sig = inspect.signature(fn)
+        return sig.bind(None, *args, **kwargs) if has_self else sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"{label}: {exc}") from None
+
+
+def _meta(value: Any) -> Any:
+    """A dataset meta as sent by any client: a ``DatasetMeta``, its dict form, or an id."""
+    if isinstance(value, dict):
+        return DatasetMeta.from_dict(value)
+    return value
+
+
+def _check_meta(value: Any, settings: Settings) -> None:
+    dataset_id = value.dataset_id if isinstance(value, DatasetMeta) else value
+    check_remote_id(dataset_id, "dataset", allow_local=settings.allow_local_data)
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+def create_dataset(settings: Settings, args: list[Any], kwargs: dict[str, Any]) -> Dataset:
+    bound = _bind("Dataset()", Dataset.__init__, args, kwargs, has_self=True)
+    meta = _meta(bound.arguments["dataset_meta"])
+    _check_meta(meta, settings)
+    return Dataset(meta)
+
+
+def create_dataloader(args: list[Any], kwargs: dict[str, Any]) -> LoaderHandle:
+    bound = _bind("DataLoader()", DataLoader.__init__, args, kwargs, has_self=True)
+    return LoaderHandle(DataLoader(*bound.args[1:], **bound.kwargs))
+
+
+def check_model_kwargs(
+    model: MultiLoraTransformersModel, served_dtype: str, args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    """A remote model is a view of the served one: refuse arguments that ask for something else.
+
+    ``model_id`` must name the served model (left out means the served one); ``max_loras``,
+    ``max_r``, ``device`` and ``dtype`` may only repeat the server's values; ``output_dir``
+    is ignored (checkpoints go where the server keeps them).
+    """
+    bound = _bind("MultiLoraTransformersModel()", MultiLoraTransformersModel.__init__, args, kwargs, has_self=True)
+    a = bound.arguments
+    if "model_id" in a:
+        given = a["model_id"]
+        try:
+            same = isinstance(given, str) and canonical_model_id(given) == model.model_id
+            shown = canonical_model_id(given) if isinstance(given, str) else repr(given)
+        except NotFoundError:
+            same, shown = False, str(given)
+        if not same:
+            raise InvalidArgumentError(f"this server serves {model.model_id}, not {shown[:200]}")
+    served = {"max_loras": model.max_loras, "max_r": model.max_r, "device": str(model.device), "dtype": served_dtype}
+    for name in SERVER_SETTINGS:
+        if name not in a or a[name] is None:
+            continue
+        if not _same_setting(name, a[name], model, served_dtype):
+            raise InvalidArgumentError(
+                f"{name} is a server setting: this server runs with {name}={served[name]!r} (leave it out)"
+            )
+
+
+def _same_setting(name: str, value: Any, model: MultiLoraTransformersModel, served_dtype: str) -> bool:
+    if name in ("max_loras", "max_r"):
+        return value == getattr(model, name)
+    if not isinstance(value, str):
+        return False
+    if name == "dtype":
+        return value.removeprefix("torch.") == served_dtype
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return device.type == model.device.type and device.index in (None, model.device.index or 0)
+
+
+# --------------------------------------------------------------------------------- calls
+
+
+class LoaderHandle:
+    """A remote ``DataLoader`` and the epoch iterator its client is reading."""
+
+    class_name = "DataLoader"
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def start_epoch(self, consumed_train_samples: int) -> None:
+        """Move to ``consumed_train_samples`` and start an iterator to the end of that epoch."""
+        self.loader.resume_from_checkpoint(consumed_train_samples)
+        self.iterator = iter(self.loader)
+
+    def next_batches(self, max_batches: int) -> dict[str, Any]:
+        """Up to ``max_batches`` batches of the current epoch; ``end`` once the epoch is exhausted.
+
+        ``sizes`` gives each batch's sample count (the client counts yielded samples with it).
+        """
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise InvalidArgumentError(f"max_batches must be an int >= 1, got {max_batches!r}")
+        if self.iterator is None:
+            raise StateError(f"no epoch in progress: call {START_EPOCH}(consumed_train_samples) first")
+        batches: list[Any] = []
+        sizes: list[int] = []
+        end = False
+        per_epoch = self.loader.samples_per_epoch
+        while len(batches) < min(max_batches, MAX_BATCHES_PER_CALL):
+            before = self.loader.consumed_train_samples
+            try:
+                batches.append(next(self.iterator))
+            except StopIteration:
+                end = True
+                break
+            sizes.append(self.loader.consumed_train_samples - before)
+            # The loader counts a batch before yielding it: at an epoch boundary the epoch is done,
+            # which is known without pulling (and so counting) one more batch.
+            if per_epoch == 0 or self.loader.consumed_train_samples % per_epoch == 0:
+                end = True
+                break
+        if end:
+            self.iterator = None
+        return {"batches": batches, "sizes": sizes, "end": end}
+
+
+def call_data_object(kind: str, instance: Any, method: str, args: list[Any], kwargs: dict[str, Any],
+                     settings: Settings) -> Any:
+    """Run one call on a dataset or dataloader (on a data thread)."""
+    if kind == "dataloader":
+        handle: LoaderHandle = instance
+        if method == START_EPOCH:
+            bound = _bind(f"{method}()", handle.start_epoch, args, kwargs, has_self=False)
+            return handle.start_epoch(*bound.args, **bound.kwargs)
+        if method == NEXT:
+            bound = _bind(f"{method}()", handle.next_batches, args, kwargs, has_self=False)
+            return handle.next_batches(*bound.args, **bound.kwargs)
+        target: Any = handle.loader
+    else:
+        target = instance
+    fn = getattr(target, method)
+    bound = _bind(f"{method}()", fn, args, kwargs, has_self=False)
+    a = bound.arguments
+    if kind == "dataset":
+        if "dataset_meta" in a and a["dataset_meta"] is not None:
+            a["dataset_meta"] = _meta(a["dataset_meta"])
+            if method == "add_dataset":
+                _check_meta(a["dataset_meta"], settings)
+        if method == "set_template":
+            model_id = a.get("kwargs", {}).get("model_id")
+            check_remote_id(model_id, "template model_id", allow_local=settings.allow_local_data)
+    return fn(*bound.args, **bound.kwargs)

@@ -1,0 +1,183 @@
+"""Live remote objects: who owns them, their call log, and their expiry.
+
+An object belongs to the user who created it; to anyone else it does not exist. Each
+object keeps the sequence number of its last call and the results of its last
+``RESULTS_KEPT`` calls, which is what makes a retried call return its first result
+instead of running twice. An object nobody has called for ``idle_timeout`` seconds is
+closed by the reaper thread (a model's adapters leave the base model then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twinkle.errors import CapacityError, NotFoundError
+from twinkle_client.types import CallResult, ObjectInfo
+
+log = logging.getLogger("twinkle_server.objects")
+RESULTS_KEPT = 256
+
+
+def new_object_id() -> str:
+    return f"obj-{secrets.token_hex(8)}"
+
+
+@dataclass(eq=False)
+class RemoteObject:
+    """One live object of one user."""
+
+    object_id: str
+    kind: str
+    user_id: int
+    user_name: str
+    instance: Any
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+    """Digest of the creating request, to tell a retry from a different request reusing the key."""
+    closed: bool = False
+    """Set when the object leaves the registry; a request that waited for its lock then stops."""
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    last_seq: int = 0
+    results: OrderedDict[int, CallResult] = field(default_factory=OrderedDict)
+    busy: int = 0
+    """Requests using the object right now; the reaper never closes a busy object."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a call batch runs: one object's calls run strictly in order."""
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(object_id=self.object_id, kind=self.kind)  # type: ignore[arg-type]
+
+    def record(self, seq: int, result: CallResult) -> None:
+        """Remember a call's result (successful or not): the seq is spent either way."""
+        self.results[seq] = result
+        self.last_seq = seq
+        while len(self.results) > RESULTS_KEPT:
+            self.results.popitem(last=False)
+
+
+class ObjectRegistry:
+    """All live objects, thread-safe (HTTP handlers, data threads and the reaper use it)."""
+
+    def __init__(self, idle_timeout: float, max_per_user: int) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_per_user = max_per_user
+        self._objects: dict[str, RemoteObject] = {}
+        self._by_key: dict[tuple[int, str], str] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
+
+    def check_room(self, user_id: int) -> None:
+        with self._lock:
+            n = sum(1 for o in self._objects.values() if o.user_id == user_id)
+        if n >= self.max_per_user:
+            raise CapacityError(
+                f"you have {n} live objects, the most this server allows (delete some or let them expire)"
+            )
+
+    def add(self, obj: RemoteObject) -> None:
+        with self._lock:
+            self._objects[obj.object_id] = obj
+            if obj.idempotency_key is not None:
+                self._by_key[(obj.user_id, obj.idempotency_key)] = obj.object_id
+
+    def by_idempotency_key(self, user_id: int, key: str) -> RemoteObject | None:
+        with self._lock:
+            object_id = self._by_key.get((user_id, key))
+            return self._objects.get(object_id) if object_id else None
+
+    def _get(self, user_id: int, object_id: str) -> RemoteObject:
+        obj = self._objects.get(object_id)
+        if obj is None or obj.user_id != user_id:
+            raise NotFoundError(f"no object {str(object_id)[:100]!r} (it may have expired)")
+        return obj
+
+    def acquire(self, user_id: int, object_id: str) -> RemoteObject:
+        """The caller's object, marked busy until ``release``; ``NotFoundError`` otherwise."""
+        with self._lock:
+            obj = self._get(user_id, object_id)
+            obj.busy += 1
+            obj.last_used = time.time()
+            return obj
+
+    def release(self, obj: RemoteObject) -> None:
+        with self._lock:
+            obj.busy -= 1
+            obj.last_used = time.time()
+
+    def resolve(self, user_id: int, object_id: str) -> Any:
+        """The live instance behind a ``{"__ref__": id}`` of ``user_id`` (using it counts as use)."""
+        with self._lock:
+            obj = self._get(user_id, object_id)
+            obj.last_used = time.time()
+            return obj.instance
+
+    def remove(self, obj: RemoteObject) -> bool:
+        """Take the object out of the registry; returns False if it was already gone."""
+        with self._lock:
+            if self._objects.get(obj.object_id) is not obj:
+                return False
+            self._forget(obj)
+            return True
+
+    def pop_expired(self, now: float | None = None) -> list[RemoteObject]:
+        """Remove and return the objects idle for longer than ``idle_timeout`` and not in use."""
+        now = time.time() if now is None else now
+        with self._lock:
+            expired = [
+                o for o in self._objects.values() if o.busy == 0 and now - o.last_used > self.idle_timeout
+            ]
+            for obj in expired:
+                self._forget(obj)
+            return expired
+
+    def pop_all(self) -> list[RemoteObject]:
+        with self._lock:
+            objs = list(self._objects.values())
+            for obj in objs:
+                self._forget(obj)
+            return objs
+
+    def _forget(self, obj: RemoteObject) -> None:
+        del self._objects[obj.object_id]
+        obj.closed = True
+        if obj.idempotency_key is not None:
+            self._by_key.pop((obj.user_id, obj.idempotency_key), None)
+
+
+class Reaper:
+    """A thread that closes idle objects every ``interval`` seconds."""
+
+    def __init__(self, registry: ObjectRegistry, close: Callable[[RemoteObject, str], None],
+                 interval: float) -> None:
+        self._registry = registry
+        self._close = close
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="twinkle-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for obj in self._registry.pop_expired():
+                try:
+                    self._close(obj, "expired")
+                except Exception:  # one bad close must not stop the reaper
+                    log.exception("closing expired object %s failed", obj.object_id)

@@ -1,0 +1,221 @@
+"""Remote object routes: create an object, run a batch of calls on it, delete it.
+
+Bodies are msgpack (or JSON, see ``wire``). A call batch runs exactly once per call
+sequence number: a retried batch gets the stored results back, and a retry that arrives
+while the first attempt still runs waits for it (the object's lock) and then does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from twinkle.errors import InvalidArgumentError, NotFoundError, TwinkleError
+from twinkle_client import codec
+from twinkle_client.types import (
+    Call,
+    CallBatch,
+    CallBatchResult,
+    CallResult,
+    CreateObjectRequest,
+    ErrorInfo,
+    ObjectInfo,
+)
+
+from .context import ServerContext
+from .deps import Ctx, CurrentUser
+from .errors import error_info
+from .kinds import call_data_object, check_method, check_model_kwargs, create_dataloader, create_dataset
+from .objects import RemoteObject, new_object_id
+from .runs import ModelHandle
+from .store import User
+from .wire import read_body, respond
+
+router = APIRouter(tags=["objects"])
+log = logging.getLogger("twinkle_server.objects")
+_ERRORS = {
+    400: {"description": "malformed body or invalid arguments"},
+    401: {"description": "missing or invalid API key"},
+    404: {"description": "no such object (or not yours)"},
+}
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _pending(request: Request) -> dict[tuple[int, str], asyncio.Future[ObjectInfo]]:
+    state = request.app.state
+    if not hasattr(state, "pending_creations"):
+        state.pending_creations = {}
+    return state.pending_creations
+
+
+@router.post("/objects", response_model=ObjectInfo, responses=_ERRORS)
+async def create_object(request: Request, user: CurrentUser,
+                        ctx: Ctx) -> Response:
+    """Create a remote dataset, dataloader or model. With an ``Idempotency-Key`` header, a repeat
+    of the same request (same user and key, while the object lives) returns the same object."""
+    data = await read_body(request)
+    req: CreateObjectRequest = _validate(CreateObjectRequest, data)
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return respond(request, await _create(ctx, user, req, None, None))
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise InvalidArgumentError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")
+    fingerprint = hashlib.sha256(codec.pack(data)).hexdigest()
+    pending = _pending(request)
+    slot = (user.id, key)
+    existing = ctx.objects.by_idempotency_key(user.id, key)
+    if existing is not None:
+        if existing.fingerprint != fingerprint:
+            raise InvalidArgumentError("this Idempotency-Key was already used for a different request")
+        return respond(request, existing.info())
+    if slot in pending:
+        # The first request with this key is still creating the object: share its outcome.
+        return respond(request, await asyncio.shield(pending[slot]))
+    future: asyncio.Future[ObjectInfo] = asyncio.get_running_loop().create_future()
+    pending[slot] = future
+    try:
+        info = await _create(ctx, user, req, key, fingerprint)
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # mark retrieved: nobody may be waiting
+        raise
+    else:
+        future.set_result(info)
+    finally:
+        pending.pop(slot, None)
+    return respond(request, info)
+
+
+async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key: str | None,
+                  fingerprint: str | None) -> ObjectInfo:
+    ctx.objects.check_room(user.id)
+    object_id = new_object_id()
+
+    def resolve(ref: str) -> Any:
+        return ctx.objects.resolve(user.id, ref)
+
+    def build() -> Any:
+        args = codec.from_wire(req.args, resolve)
+        kwargs = codec.from_wire(req.kwargs, resolve)
+        if req.kind == "model":
+            check_model_kwargs(ctx.model, ctx.dtype, args, kwargs)
+            return ModelHandle(ctx.book, user, object_id)
+        if req.kind == "dataset":
+            return create_dataset(ctx.settings, args, kwargs)
+        return create_dataloader(args, kwargs)
+
+    # Loading a dataset can take a while: never on the event loop.
+    instance = await ctx.run("data", user.id, build)
+    obj = RemoteObject(object_id, req.kind, user.id, user.name, instance, idempotency_key=key,
+                       fingerprint=fingerprint)
+    ctx.objects.add(obj)
+    log.info("user %s: created %s %s", user.name, req.kind, object_id)
+    return obj.info()
+
+
+@router.post("/objects/{object_id}/calls", response_model=CallBatchResult, responses=_ERRORS)
+async def call_object(object_id: str, request: Request, user: CurrentUser,
+                      ctx: Ctx) -> Response:
+    """Run calls in order; stop at the first failure. Per-call errors keep the status 200."""
+    data = await read_body(request)
+    batch: CallBatch = _validate(CallBatch, data)
+    # Shielded: once started, a batch finishes and records its results even if the client goes away,
+    # so that the retry finds them instead of running a call a second time.
+    task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, _request_id(request)))
+    return respond(request, await asyncio.shield(task))
+
+
+async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: CallBatch,
+                     request_id: str | None) -> CallBatchResult:
+    obj = ctx.objects.acquire(user.id, object_id)
+    try:
+        async with obj.lock:
+            if obj.closed:
+                raise NotFoundError(f"no object {object_id!r} (it was deleted)")
+            results: list[CallResult] = []
+            for call in batch.calls:
+                if call.seq <= obj.last_seq:
+                    result = obj.results.get(call.seq) or CallResult(
+                        seq=call.seq,
+                        ok=False,
+                        error=ErrorInfo(code="invalid_state", message=_stale_message(obj, call.seq),
+                                        request_id=request_id, call=call.method),
+                    )
+                else:
+                    result = await _execute(ctx, user, obj, call, request_id)
+                    obj.record(call.seq, result)
+                results.append(result)
+                if not result.ok:
+                    break
+            return CallBatchResult(results=results)
+    finally:
+        ctx.objects.release(obj)
+
+
+def _stale_message(obj: RemoteObject, seq: int) -> str:
+    """Why a seq at or below the last one gets no result: it ran long ago, or it was skipped."""
+    oldest_kept = next(iter(obj.results), obj.last_seq)
+    if seq < oldest_kept:
+        return f"call {seq} already ran"
+    return f"call {seq} is below the last call's seq {obj.last_seq} and never ran; seqs must increase"
+
+
+async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call,
+                   request_id: str | None) -> CallResult:
+    method = call.method
+
+    def work() -> Any:
+        def resolve(ref: str) -> Any:
+            return ctx.objects.resolve(user.id, ref)
+
+        args = codec.from_wire(call.args, resolve)
+        kwargs = codec.from_wire(call.kwargs, resolve)
+        if obj.kind == "model":
+            value = obj.instance.call(method, args, kwargs)
+        else:
+            value = call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings)
+        try:
+            return codec.to_wire(value)
+        except TwinkleError as exc:
+            # The call ran; a result we cannot send is our bug, not the caller's bad argument.
+            raise RuntimeError(f"result of {method} cannot be sent: {exc}") from exc
+
+    try:
+        check_method(obj.kind, method)
+        value = await ctx.run(obj.kind, user.id, work)
+    except Exception as exc:
+        return CallResult(seq=call.seq, ok=False, error=error_info(exc, request_id, call=method))
+    return CallResult(seq=call.seq, ok=True, value=value)
+
+
+@router.delete("/objects/{object_id}", response_model=ObjectInfo, responses=_ERRORS)
+async def delete_object(object_id: str, request: Request, user: CurrentUser,
+                        ctx: Ctx) -> Response:
+    """Close the object now (a model's adapters leave the base model; their runs stay, detached)."""
+    obj = ctx.objects.acquire(user.id, object_id)
+    try:
+        async with obj.lock:  # after any batch in progress
+            if not ctx.objects.remove(obj):
+                raise NotFoundError(f"no object {object_id!r}")
+            await asyncio.to_thread(ctx.close_object, obj, "deleted")
+    finally:
+        ctx.objects.release(obj)
+    return respond(request, obj.info())

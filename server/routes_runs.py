@@ -1,0 +1,121 @@
+"""Management routes: health, server info, training runs, checkpoints, metrics, uploads (JSON).
+
+Every id in a path is looked up among the caller's own records only, so another user's
+run, checkpoint or upload is answered exactly like one that does not exist: 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from twinkle_client.types import (
+    Checkpoint,
+    CheckpointsListResponse,
+    Cursor,
+    DeleteCheckpointResponse,
+    HealthResponse,
+    MetricsResponse,
+    ServerInfo,
+    TrainingRun,
+    TrainingRunsResponse,
+    UploadStatus,
+)
+
+from . import __version__
+from .deps import Ctx, CurrentUser
+
+router = APIRouter()
+_ERRORS = {401: {"description": "missing or invalid API key"}, 404: {"description": "not found (or not yours)"}}
+
+
+@router.get("/health", response_model=HealthResponse, tags=["server"])
+def health() -> HealthResponse:
+    """Liveness; the only route that needs no key."""
+    return HealthResponse(version=__version__)
+
+
+@router.get("/server", response_model=ServerInfo, tags=["server"], responses=_ERRORS)
+def server_info(user: CurrentUser, ctx: Ctx) -> ServerInfo:
+    model = ctx.model
+    return ServerInfo(
+        version=__version__,
+        base_model=model.model_id,
+        max_loras=model.max_loras,
+        max_r=model.max_r,
+        used_slots=model.max_loras - model.free_slots,
+        free_slots=model.free_slots,
+        device=ctx.device,
+        idle_timeout_s=ctx.settings.idle_timeout,
+        user=user.name,
+    )
+
+
+@router.get("/training_runs", response_model=TrainingRunsResponse, tags=["runs"], responses=_ERRORS)
+def list_training_runs(
+    user: CurrentUser,
+    ctx: Ctx,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TrainingRunsResponse:
+    """The caller's runs, most recent activity first."""
+    runs, total = ctx.store.list_runs(user.id, limit, offset)
+    return TrainingRunsResponse(training_runs=runs, cursor=Cursor(limit=limit, offset=offset, total_count=total))
+
+
+@router.get("/training_runs/{run_id}", response_model=TrainingRun, tags=["runs"], responses=_ERRORS)
+def get_training_run(run_id: str, user: CurrentUser,
+                     ctx: Ctx) -> TrainingRun:
+    return ctx.store.get_run(user.id, run_id)
+
+
+@router.get("/training_runs/{run_id}/checkpoints", response_model=CheckpointsListResponse, tags=["runs"],
+            responses=_ERRORS)
+def list_checkpoints(run_id: str, user: CurrentUser,
+                     ctx: Ctx) -> CheckpointsListResponse:
+    """The run's checkpoints, oldest first."""
+    return CheckpointsListResponse(checkpoints=ctx.store.list_checkpoints(user.id, run_id))
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id}", response_model=Checkpoint, tags=["runs"],
+            responses=_ERRORS)
+def get_checkpoint(run_id: str, checkpoint_id: str, user: CurrentUser,
+                   ctx: Ctx) -> Checkpoint:
+    return ctx.store.get_checkpoint(user.id, run_id, checkpoint_id)
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id}", response_model=DeleteCheckpointResponse,
+               tags=["runs"], responses=_ERRORS)
+async def delete_checkpoint(run_id: str, checkpoint_id: str, user: CurrentUser,
+                            ctx: Ctx) -> DeleteCheckpointResponse:
+    """Delete the folder, then the record. Runs on the device worker, in line with saves."""
+    path = await asyncio.wrap_future(
+        ctx.worker.submit(user.id, lambda: ctx.book.delete_checkpoint(user.id, run_id, checkpoint_id))
+    )
+    return DeleteCheckpointResponse(success=True, message=f"deleted {path}")
+
+
+@router.get("/training_runs/{run_id}/metrics", response_model=MetricsResponse, tags=["runs"], responses=_ERRORS)
+def get_metrics(
+    run_id: str,
+    user: CurrentUser,
+    ctx: Ctx,
+    since_step: Annotated[int, Query(ge=0)] = 0,
+) -> MetricsResponse:
+    """Points of steps after ``since_step``, oldest first, superseded ones included (flagged)."""
+    ctx.store.get_run(user.id, run_id)
+    revision, total_steps = ctx.store.run_revision(run_id)
+    return MetricsResponse(
+        training_run_id=run_id,
+        revision=revision,
+        points=ctx.store.metric_points(run_id, since_step),
+        total_steps=total_steps,
+    )
+
+
+@router.get("/uploads/{upload_id}", response_model=UploadStatus, tags=["uploads"], responses=_ERRORS)
+def get_upload(upload_id: str, user: CurrentUser,
+               ctx: Ctx) -> UploadStatus:
+    return ctx.uploads.get(user.id, upload_id)

@@ -1,0 +1,55 @@
+"""Server settings (from the command line) and the layout of the data directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "builtin://tiny-qwen2"
+DEFAULT_IDLE_TIMEOUT = 1800.0
+DB_FILE = "twinkle.db"
+
+
+def default_data_dir() -> Path:
+    """``$TWINKLE_DATA_DIR``, else ``./twinkle_data`` (read at call time)."""
+    return Path(os.environ.get("TWINKLE_DATA_DIR") or "twinkle_data")
+
+
+@dataclass
+class Settings:
+    """Everything ``twinkle-server serve`` is configured with."""
+
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=default_data_dir)
+    max_loras: int = 5
+    max_r: int = 32
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    allow_local_data: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    max_objects_per_user: int = 64
+    """Live remote objects one user may hold; a cap so that one key cannot exhaust memory."""
+    data_threads: int = 2
+    """Threads for dataset and dataloader calls (model calls have their own single thread)."""
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_FILE
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.data_dir / "scratch"
+
+    def run_weights_dir(self, run_id: str) -> Path:
+        """Where the checkpoints of ``run_id`` live: ``<data-dir>/runs/<run_id>/weights``."""
+        return self.runs_dir / run_id / "weights"

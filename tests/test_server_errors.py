@@ -1,0 +1,218 @@
+"""twinkle-server: bad input gets a 4xx with one readable line; slots, expiry, and internal errors."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+import pytest
+from peft import LoraConfig
+
+from twinkle_client import codec
+
+STATUS = {"invalid_argument": 400, "unknown_component": 400, "invalid_checkpoint": 400, "not_found": 404,
+          "capacity": 409, "invalid_state": 409}
+
+
+def one_line(message: str) -> None:
+    assert message and "\n" not in message and "Traceback" not in message and "File \"" not in message, message
+
+
+@pytest.fixture(scope="module")
+def user(server, add_user, raw_client, raw_helpers):
+    c = raw_client(server, add_user(server.data_dir, f"err-{uuid.uuid4().hex[:6]}"))
+    model = raw_helpers.raw_model(c)
+    yield c, model
+    c.delete(f"/objects/{model}")
+
+
+def call_error(c, obj: str, method: str, *args, **kwargs) -> dict:
+    r = c.calls(obj, [(method, list(args), kwargs)])
+    assert r.status_code == 200, r.status_code
+    result = c.body(r)["results"][0]
+    assert not result["ok"], result
+    err = result["error"]
+    assert 400 <= STATUS[err["code"]] < 500 and err["call"] == method
+    one_line(err["message"])
+    return err
+
+
+def http_error(r, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.content[:300])
+    err = (codec.unpack(r.content) if "msgpack" in r.headers["content-type"] else r.json())["error"]
+    one_line(err["message"])
+    assert err["request_id"] == r.headers["x-request-id"]
+    return err
+
+
+def test_bad_calls(user) -> None:
+    c, model = user
+    err = call_error(c, model, "set_loss", "NoSuchLoss")
+    assert err["code"] == "unknown_component" and "NoSuchLoss" in err["message"]
+    err = call_error(c, model, "set_optimizer", "Adam", lr=1e-3, bogus=1)
+    assert err["code"] == "invalid_argument" and "bogus" in err["message"]
+    err = call_error(c, model, "explode")
+    assert err["message"] == "MultiLoraTransformersModel has no remote method 'explode'"
+    for private in ("__init__", "_adapter", "_invoke", "close"):
+        assert "no remote method" in call_error(c, model, private)["message"]
+    err = call_error(c, model, "forward_backward")
+    assert err["code"] == "invalid_argument" and "inputs" in err["message"]
+    err = call_error(c, model, "step", adapter_name="nope")
+    assert err["code"] == "not_found" and "nope" in err["message"]
+
+
+def test_bad_batches(user) -> None:
+    c, model = user
+    floats = {"input_ids": np.ones((2, 5), dtype=np.float32), "labels": np.ones((2, 5), dtype=np.int64)}
+    assert "integers" in call_error(c, model, "forward_backward", floats)["message"]
+    flat = {"input_ids": np.ones(5, dtype=np.int64), "labels": np.ones(5, dtype=np.int64)}
+    assert "2-D" in call_error(c, model, "forward_backward", flat)["message"]
+    mismatched = {"input_ids": np.ones((2, 5), dtype=np.int64), "labels": np.ones((2, 4), dtype=np.int64)}
+    assert "shape" in call_error(c, model, "forward_backward", mismatched)["message"]
+    ragged = [{"input_ids": [1, 2, 3], "labels": [1, 2]}]
+    assert "labels" in call_error(c, model, "forward_backward", ragged)["message"]
+    huge = {"input_ids": np.full((1, 4), 10**6, dtype=np.int64), "labels": np.ones((1, 4), dtype=np.int64)}
+    assert "vocabulary" in call_error(c, model, "forward_backward", huge)["message"]
+    assert call_error(c, model, "forward_backward", "text")["code"] == "invalid_argument"
+
+
+def test_adapter_limits(user, raw_client, server) -> None:
+    c, _ = user
+    model = c.create("model")
+    err = call_error(c, model, "add_adapter_to_model", "big", LoraConfig(r=64, target_modules="all-linear"))
+    assert "max_r=32" in err["message"]
+    err = call_error(c, model, "add_adapter_to_model", "bad name!", LoraConfig(r=4))
+    assert "adapter name" in err["message"]
+    err = call_error(c, model, "add_adapter_to_model", "x", "not a config")
+    assert err["code"] == "invalid_argument"
+    err = call_error(c, model, "add_adapter_to_model", "x", {"r": 4, "no_such_field": 1})
+    assert "LoraConfig" in err["message"]
+    err = call_error(c, model, "step")
+    assert err["code"] == "invalid_state" and "add_adapter_to_model" in err["message"]
+    c.delete(f"/objects/{model}")
+
+
+def test_bad_object_creation(user) -> None:
+    c, _ = user
+    r = c.post("/objects", {"kind": "model", "args": ["ms://Qwen/Qwen2.5-7B-Instruct"], "kwargs": {}})
+    err = http_error(r, 400)
+    assert err["message"] == "this server serves builtin://tiny-qwen2, not ms://Qwen/Qwen2.5-7B-Instruct"
+    r = c.post("/objects", {"kind": "model", "args": ["Qwen/Qwen2.5-7B-Instruct"], "kwargs": {}})
+    assert "not ms://Qwen/Qwen2.5-7B-Instruct" in http_error(r, 400)["message"]
+    r = c.post("/objects", {"kind": "model", "args": [], "kwargs": {"max_r": 8}})
+    assert "max_r" in http_error(r, 400)["message"] and "32" in http_error(r, 400)["message"]
+    r = c.post("/objects", {"kind": "model", "args": [], "kwargs": {"max_loras": 2}})
+    assert "max_loras=16" in http_error(r, 400)["message"]
+    r = c.post("/objects", {"kind": "model", "args": [], "kwargs": {"dtype": "bfloat16"}})
+    assert "dtype" in http_error(r, 400)["message"]
+    r = c.post("/objects", {"kind": "model", "args": [], "kwargs": {"no_such": 1}})
+    assert "no_such" in http_error(r, 400)["message"]
+    # Repeating the server's own settings is fine; output_dir is ignored.
+    ok = c.create("model", "builtin://tiny-qwen2", max_r=32, max_loras=16, device="cpu", dtype="float32",
+                  output_dir="/somewhere/else")
+    assert c.delete(f"/objects/{ok}").status_code == 200
+
+    for local in ("/etc/passwd", "./data.jsonl", "swift/self-cognition"):
+        r = c.post("/objects", {"kind": "dataset", "args": [local], "kwargs": {}})
+        assert "does not read its local files" in http_error(r, 400)["message"]
+    dataset = c.create("dataset", "builtin://self-cognition")
+    err = call_error(c, dataset, "set_template", "Template", model_id="/etc")
+    assert "local files" in err["message"]
+    err = call_error(c, dataset, "add_dataset", "/tmp/x.jsonl")
+    assert "local files" in err["message"]
+    r = c.post("/objects", {"kind": "dataloader", "args": [], "kwargs": {"dataset": {"__ref__": dataset}}})
+    assert "batch_size" in http_error(r, 400)["message"]
+    r = c.post("/objects", {"kind": "dataloader", "args": [], "kwargs": {"dataset": {"__ref__": "obj-nope"},
+                                                                          "batch_size": 2}})
+    assert http_error(r, 404)["code"] == "not_found"
+    c.delete(f"/objects/{dataset}")
+
+
+def test_malformed_requests(user) -> None:
+    c, model = user
+    headers = {"Content-Type": codec.CONTENT_TYPE}
+    err = http_error(c.http.post(f"/objects/{model}/calls", content=b"\xc1\xff\x00", headers=headers), 400)
+    assert err["code"] == "invalid_argument" and "msgpack" in err["message"]
+    err = http_error(c.http.post("/objects", content=b"{nope", headers={"Content-Type": "application/json"}), 400)
+    assert "JSON" in err["message"]
+    err = http_error(c.http.post("/objects", content=b"x", headers={"Content-Type": "text/plain"}), 400)
+    assert "Content-Type" in err["message"]
+    err = http_error(c.post(f"/objects/{model}/calls", {"calls": [{"seq": 0, "method": "step"}]}), 422)
+    assert err["message"] == "calls.0.seq: Input should be greater than or equal to 1"
+    err = http_error(c.post(f"/objects/{model}/calls", {"calls": []}), 422)
+    assert err["message"].startswith("calls:")
+    err = http_error(c.post("/objects", {"kind": "sampler"}), 422)
+    assert err["message"].startswith("kind:")
+    err = http_error(c.post("/objects", [1, 2]), 422)
+    err = http_error(c.http.post(f"/objects/{model}/calls", json={"calls": [{"seq": 1, "method": "x", "extra": 1}]}),
+                     422)
+    assert "calls.0.extra" in err["message"]
+    err = http_error(c.get("/training_runs", limit=0), 422)
+    assert err["message"] == "limit: Input should be greater than or equal to 1"
+    err = http_error(c.get("/no/such/route"), 404)
+    assert err["code"] == "not_found"
+    err = http_error(c.http.put("/training_runs"), 405)
+
+
+def test_unexpected_failure_is_internal_without_traceback(user, server, raw_helpers) -> None:
+    c, _ = user
+    model = raw_helpers.raw_model(c, adapter="lbfgs")
+    batch = {"input_ids": np.ones((1, 6), dtype=np.int64), "labels": np.ones((1, 6), dtype=np.int64)}
+    # LBFGS needs a closure in step(); the library does not check for it, so torch raises a TypeError.
+    r = c.calls(model, [("set_optimizer", ["LBFGS"], {}), ("forward_backward", [batch], {}), ("step", [], {})])
+    results = c.body(r)["results"]
+    assert r.status_code == 200 and [x["ok"] for x in results] == [True, True, False]
+    err = results[2]["error"]
+    assert err == {"code": "internal", "message": "internal server error",
+                   "request_id": r.headers["x-request-id"], "call": "step"}
+    deadline = time.monotonic() + 5
+    while err["request_id"] not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log()
+    assert err["request_id"] in log and "Traceback" in log and "closure" in log
+    c.delete(f"/objects/{model}")
+
+
+def test_json_error_bodies_for_json_requests(user) -> None:
+    c, model = user
+    r = c.http.post(f"/objects/{model}/calls", content=json.dumps({"calls": [{"seq": 0, "method": "x"}]}),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/json")
+    r = c.http.post(f"/objects/{model}/calls", content=codec.pack({"calls": [{"seq": 0, "method": "x"}]}),
+                    headers={"Content-Type": codec.CONTENT_TYPE})
+    assert r.status_code == 422 and r.headers["content-type"].startswith(codec.CONTENT_TYPE)
+
+
+# --------------------------------------------------------------------- one slot, short expiry
+
+
+@pytest.fixture(scope="module")
+def tight_server(tmp_path_factory, start_server, add_user, raw_client):
+    handle = start_server(tmp_path_factory.mktemp("tight"), "--max-loras", "1", "--idle-timeout", "1.5")
+    key = add_user(handle.data_dir, "tight")
+    yield handle, raw_client(handle, key)
+    handle.stop()
+
+
+def test_no_free_slot_then_expiry_frees_it(tight_server, raw_helpers) -> None:
+    handle, c = tight_server
+    first = raw_helpers.raw_model(c)
+    second = c.create("model")
+    err = call_error(c, second, "add_adapter_to_model", "other", LoraConfig(r=4, target_modules="all-linear"))
+    assert err["code"] == "capacity" and "max_loras=1" in err["message"]
+    run = c.get("/training_runs").json()["training_runs"][0]
+    assert run["status"] == "active"
+    # Nobody calls `first` for longer than the idle timeout: the reaper closes it.
+    deadline = time.monotonic() + 15
+    while c.get("/server").json()["free_slots"] == 0:
+        assert time.monotonic() < deadline, "the idle object was not reaped"
+        time.sleep(0.25)
+    r = c.calls(first, [("get_train_state", [], {})])
+    assert r.status_code == 404 and "no object" in c.body(r)["error"]["message"]
+    assert c.get(f"/training_runs/{run['training_run_id']}").json()["status"] == "detached"
+    assert "expired" in handle.log()
+    # `second` expired too (it was idle as well); a new model gets the freed slot.
+    third = raw_helpers.raw_model(c, adapter="again")
+    assert c.call(third, "get_train_state")["cur_step"] == 0

@@ -1,0 +1,277 @@
+"""``TwinkleClient`` (management calls) and the current connection that remote objects use.
+
+``init_twinkle_client`` makes a client the *current connection*. Remote objects do not keep
+a client: they look the current one up at every request, because their ids belong to the
+user, not to a connection. Re-running ``init_twinkle_client`` in a notebook therefore swaps
+the connection under every existing model, dataset and dataloader, and closes the old one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from twinkle.errors import InvalidArgumentError, StateError, TwinkleError
+
+from .transport import DEFAULT_URL, NO_RETRY, RetryPolicy, Transport
+from .types import (
+    TWINKLE_SCHEME,
+    Checkpoint,
+    CheckpointPath,
+    CheckpointsListResponse,
+    Cursor,
+    DeleteCheckpointResponse,
+    HealthResponse,
+    MetricsResponse,
+    ServerInfo,
+    TrainingRun,
+    TrainingRunsResponse,
+    UploadStatus,
+)
+
+ENV_URL = "TWINKLE_SERVER_URL"
+ENV_TOKEN = "TWINKLE_SERVER_TOKEN"
+
+
+class TwinkleClient:
+    """A connection to one twinkle server, with the management calls of ModelScope's client.
+
+    Args:
+        base_url: ``http(s)://host:port`` of the server; default ``$TWINKLE_SERVER_URL``, else
+            ``http://127.0.0.1:8000``. Read when the client is made, not at import.
+        api_key: the bearer key; default ``$TWINKLE_SERVER_TOKEN``.
+        timeout: seconds to wait for a reply (a training call may take long).
+        connect_timeout: seconds to wait for a connection.
+        retry_timeout: how long to keep retrying a server that is unreachable or answers
+            502/503/504 before raising ``TransportError``.
+        compress: gzip large request bodies (token batches).
+        http_transport: an ``httpx`` transport to use instead of the network (tests).
+
+    Use it as a context manager, or call ``close()``, to release its connections.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        retry_timeout: float = 60.0,
+        compress: bool = True,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        url = base_url or os.environ.get(ENV_URL) or DEFAULT_URL
+        key = api_key if api_key is not None else os.environ.get(ENV_TOKEN)
+        self._transport = Transport(
+            url,
+            key or None,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retry=RetryPolicy(total_s=retry_timeout),
+            compress=compress,
+            http_transport=http_transport,
+        )
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def base_url(self) -> str:
+        """The server's URL, without ``/api/v1``."""
+        return self._transport.base_url
+
+    @property
+    def closed(self) -> bool:
+        return self._transport.closed
+
+    @property
+    def transport(self) -> Transport:
+        """The HTTP layer (used by remote objects)."""
+        return self._transport
+
+    def close(self) -> None:
+        """Release the connections (after any request in flight). Idempotent."""
+        self._transport.close()
+
+    def __enter__(self) -> TwinkleClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("current" if _current is self else "open")
+        return f"TwinkleClient({self.base_url!r}, {state})"
+
+    # ------------------------------------------------------------------ server
+
+    def health_check(self, timeout: float = 5.0) -> bool:
+        """True when the server answers its health route; never raises (a down server is False)."""
+        try:
+            response = self._transport.request("GET", "/health", retry=NO_RETRY, timeout=timeout)
+            HealthResponse.model_validate(response.json())
+            return True
+        except Exception:  # any failure at all means "not healthy"
+            return False
+
+    def get_server_info(self) -> ServerInfo:
+        """The server's base model, adapter capacity, device and the user the key belongs to."""
+        return self._get(ServerInfo, "/server")
+
+    # ------------------------------------------------------------------ runs
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0) -> list[TrainingRun]:
+        """The current user's training runs, newest first."""
+        return self.list_training_runs_with_cursor(limit=limit, offset=offset)[0]
+
+    def list_training_runs_with_cursor(self, limit: int = 20, offset: int = 0) -> tuple[list[TrainingRun], Cursor]:
+        """``(runs, cursor)``; the cursor tells the total count for paging."""
+        _check_count("limit", limit, minimum=1)
+        _check_count("offset", offset, minimum=0)
+        page = self._get(TrainingRunsResponse, "/training_runs", params={"limit": limit, "offset": offset})
+        return page.training_runs, page.cursor
+
+    def get_training_run(self, run_id: str) -> TrainingRun:
+        """One run's details (``NotFoundError`` if it is not yours)."""
+        return self._get(TrainingRun, f"/training_runs/{_seg(run_id, 'run_id')}")
+
+    def get_metrics(self, run_id: str, since_step: int = 0) -> MetricsResponse:
+        """The run's per-micro-batch metrics with ``step > since_step``, oldest first."""
+        _check_count("since_step", since_step, minimum=0)
+        return self._get(
+            MetricsResponse, f"/training_runs/{_seg(run_id, 'run_id')}/metrics", params={"since_step": since_step}
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """A run's checkpoints, oldest first."""
+        return self._get(CheckpointsListResponse, f"/training_runs/{_seg(run_id, 'run_id')}/checkpoints").checkpoints
+
+    def get_checkpoint(self, run_id: str, checkpoint_id: str) -> Checkpoint:
+        """One checkpoint's details."""
+        run_id, checkpoint_id = _checkpoint_ref(run_id, checkpoint_id)
+        return self._get(Checkpoint, f"/training_runs/{_seg(run_id, 'run_id')}/checkpoints/{_seg(checkpoint_id)}")
+
+    def get_checkpoint_path(self, run_id: str, checkpoint_id: str) -> CheckpointPath:
+        """The checkpoint's ``twinkle://`` path (``str()`` of the result) to pass to ``load``."""
+        ckpt = self.get_checkpoint(run_id, checkpoint_id)
+        return CheckpointPath(
+            twinkle_path=ckpt.twinkle_path,
+            training_run_id=ckpt.training_run_id,
+            checkpoint_id=ckpt.checkpoint_id,
+        )
+
+    def get_latest_checkpoint_path(self, run_id: str) -> str | None:
+        """The ``twinkle://`` path of the run's newest checkpoint, or None if it has none."""
+        checkpoints = self.list_checkpoints(run_id)
+        if not checkpoints:
+            return None
+        return max(checkpoints, key=lambda c: (c.time, c.step)).twinkle_path
+
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> DeleteCheckpointResponse:
+        """Delete one checkpoint of a run."""
+        run_id, checkpoint_id = _checkpoint_ref(run_id, checkpoint_id)
+        data = self._transport.delete_json(
+            f"/training_runs/{_seg(run_id, 'run_id')}/checkpoints/{_seg(checkpoint_id)}"
+        )
+        return _parse(DeleteCheckpointResponse, data)
+
+    # ------------------------------------------------------------------ uploads
+
+    def get_upload_status(self, upload_id: str) -> UploadStatus:
+        """Where a hub upload started by ``model.upload_to_hub`` stands."""
+        return self._get(UploadStatus, f"/uploads/{_seg(upload_id, 'upload_id')}")
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, model: type[_M], path: str, params: dict[str, Any] | None = None) -> _M:
+        return _parse(model, self._transport.get_json(path, params=params))
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _parse(model: type[_M], data: Any) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise TwinkleError(
+            f"the twinkle server sent an unexpected {model.__name__} ({where}: {first.get('msg')}); "
+            "are client and server the same version?"
+        ) from None
+
+
+def _seg(value: Any, label: str = "checkpoint_id") -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError(f"{label} must be a non-empty string, got {value!r}")
+    return quote(value, safe="")
+
+
+def _checkpoint_ref(run_id: str, checkpoint_id: str) -> tuple[str, str]:
+    """Accept ``step-10``, upstream's ``weights/step-10`` or a whole ``twinkle://`` path."""
+    ckpt = str(checkpoint_id) if isinstance(checkpoint_id, CheckpointPath) else checkpoint_id
+    if isinstance(ckpt, str) and ckpt.startswith(TWINKLE_SCHEME):
+        parts = ckpt[len(TWINKLE_SCHEME):].split("/")
+        if len(parts) == 3 and parts[1] == "weights":
+            return parts[0], parts[2]
+        raise InvalidArgumentError(f"not a twinkle checkpoint path: {ckpt!r}")
+    if isinstance(ckpt, str) and ckpt.startswith("weights/"):
+        ckpt = ckpt[len("weights/"):]
+    return run_id, ckpt
+
+
+def _check_count(label: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{label} must be an integer >= {minimum}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- current connection
+
+_lock = threading.Lock()
+_current: TwinkleClient | None = None
+
+
+def init_twinkle_client(base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> TwinkleClient:
+    """Connect to a twinkle server and make it the connection every remote object uses.
+
+    ``base_url`` and ``api_key`` default to ``$TWINKLE_SERVER_URL`` (else
+    ``http://127.0.0.1:8000``) and ``$TWINKLE_SERVER_TOKEN``, read now. Calling it again
+    replaces the connection: the previous client is closed (after requests in flight) and
+    existing remote objects carry on over the new one. ``kwargs`` go to ``TwinkleClient``;
+    upstream's ``session_heartbeat_interval`` is accepted and ignored (no sessions here).
+    """
+    kwargs.pop("session_heartbeat_interval", None)
+    client = TwinkleClient(base_url, api_key, **kwargs)
+    _set_current(client)
+    return client
+
+
+def _set_current(client: TwinkleClient) -> None:
+    global _current
+    with _lock:
+        old, _current = _current, client
+    if old is not None and old is not client:
+        old.close()
+
+
+def current_client() -> TwinkleClient:
+    """The connection remote objects use: the last ``init_twinkle_client``, else one made from
+    the environment (and kept as current)."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = TwinkleClient()
+        client = _current
+    if client.closed:
+        raise StateError(
+            f"the current twinkle client ({client.base_url}) was closed; call init_twinkle_client(...) to reconnect"
+        )
+    return client

@@ -1,0 +1,299 @@
+"""HTTP transport: one pooled ``httpx.Client``, bearer auth, retries that re-send the same bytes.
+
+Everything that can go wrong on the wire comes out as a ``twinkle.errors.TwinkleError``:
+an error body becomes its typed error (``error_from_code``), a server that stays
+unreachable becomes one ``TransportError`` line. No httpx exception escapes.
+
+Retries re-send the *identical* request (same call seqs, same ``Idempotency-Key``), so the
+server's at-most-once bookkeeping turns a retry after a dropped connection into a replay of
+the stored result rather than a second execution.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from twinkle.errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    StateError,
+    TransportError,
+    TwinkleError,
+    error_from_code,
+)
+
+from . import codec
+from .types import API_PREFIX, ErrorResponse
+
+log = logging.getLogger("twinkle_client.transport")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({502, 503, 504})
+# Bodies at least this large are gzipped (token batches shrink to ~10%); small ones are not
+# worth the CPU.
+COMPRESS_MIN_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep trying a request the network or a proxy failed.
+
+    Backoff doubles from ``initial_backoff_s`` up to ``max_backoff_s`` (with jitter, so that
+    many clients do not retry in lock step) until ``total_s`` have passed since the first try.
+    """
+
+    total_s: float = 60.0
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, self.initial_backoff_s * (2 ** (attempt - 1)))
+        return base * (0.5 + random.random() / 2)
+
+
+NO_RETRY = RetryPolicy(total_s=0.0)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:port`` without a trailing slash or ``/api/v1`` (routes add the prefix)."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidArgumentError(f"the twinkle server URL must be a non-empty string, got {url!r}")
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise InvalidArgumentError(f"the twinkle server URL must start with http:// or https://, got {url!r}")
+    if url.endswith(API_PREFIX):
+        url = url[: -len(API_PREFIX)]
+    return url
+
+
+class Transport:
+    """Sends requests to one twinkle server over one connection pool.
+
+    ``close()`` waits for requests already in flight (a remote object's sender thread may be
+    in the middle of one when ``init_twinkle_client`` replaces the connection) and closes the
+    pool when the last of them finishes.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        compress: bool = True,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.has_api_key = bool(api_key)
+        self.retry = retry or RetryPolicy()
+        self._compress = compress
+        headers = {"User-Agent": "twinkle-client"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url + API_PREFIX,
+            headers=headers,
+            # Writes of a large batch and reads of a training call can both take a while;
+            # only connecting should fail fast.
+            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=connect_timeout),
+            transport=http_transport,
+            follow_redirects=False,
+        )
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._closing = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close the pool now, or as soon as the requests in flight have finished."""
+        with self._lock:
+            self._closing = True
+            idle = self._inflight == 0
+        if idle:
+            self._http.close()
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._closing:
+                raise StateError(
+                    f"this TwinkleClient for {self.base_url} was closed; call init_twinkle_client(...) to reconnect"
+                )
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close_now = self._closing and self._inflight == 0
+        if close_now:
+            self._http.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def get_json(self, path: str, *, params: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> Any:
+        """GET a management route and return its parsed JSON."""
+        return _decode(self.request("GET", path, params=params, retry=retry))
+
+    def delete_json(self, path: str, *, retry: RetryPolicy | None = None) -> Any:
+        return _decode(self.request("DELETE", path, retry=retry))
+
+    def post_msgpack(
+        self, path: str, payload: Any, *, headers: dict[str, str] | None = None, retry: RetryPolicy | None = None
+    ) -> Any:
+        """POST wire-ready ``payload`` as msgpack and return the decoded reply."""
+        body = codec.pack(payload)
+        hdrs = {"Content-Type": codec.CONTENT_TYPE, "Accept": codec.CONTENT_TYPE, **(headers or {})}
+        if self._compress and len(body) >= COMPRESS_MIN_BYTES:
+            try:
+                return _decode(
+                    self.request("POST", path, content=gzip.compress(body, compresslevel=1),
+                                 headers={**hdrs, "Content-Encoding": "gzip"}, retry=retry)
+                )
+            except TwinkleError as exc:
+                if not _rejects_encoding(exc):
+                    raise
+                # A server without request decompression: send plain bodies from now on.
+                log.info("twinkle server at %s does not accept gzip bodies; sending them uncompressed", self.base_url)
+                self._compress = False
+        return _decode(self.request("POST", path, content=body, headers=hdrs, retry=retry))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send one request, retrying network failures and 502/503/504; return a 2xx response."""
+        policy = retry or self.retry
+        self._enter()
+        try:
+            return self._request_with_retries(method, path, params, content, headers, policy, timeout)
+        finally:
+            self._leave()
+
+    def _request_with_retries(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        policy: RetryPolicy,
+        timeout: float | None,
+    ) -> httpx.Response:
+        start = time.monotonic()
+        attempt = 0
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        while True:
+            attempt += 1
+            reason: str
+            try:
+                response = self._http.request(method, path, params=params, content=content, headers=headers, **extra)
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                # Connect failures, resets, a connection closed before the reply, timeouts:
+                # the request may or may not have run; re-sending the same bytes is safe.
+                reason = _describe(exc)
+                response = None
+            except httpx.HTTPError as exc:
+                raise TransportError(f"cannot reach twinkle server at {self.base_url}: {_describe(exc)}") from None
+            except RuntimeError as exc:  # httpx: "the client has been closed"
+                raise StateError(f"the connection to {self.base_url} was closed: {exc}") from None
+            if response is not None:
+                if response.status_code not in RETRY_STATUSES:
+                    if response.is_success:
+                        return response
+                    raise self._error(response)
+                reason = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+            delay = policy.delay(attempt)
+            elapsed = time.monotonic() - start
+            if elapsed + delay > policy.total_s:
+                if response is not None:
+                    typed = self._typed_error(response)
+                    if typed is not None and typed.code != TransportError.code:
+                        raise typed
+                raise TransportError(
+                    f"cannot reach twinkle server at {self.base_url}: {reason} "
+                    f"(gave up after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.0f} s)"
+                )
+            log.info("twinkle server at %s: %s; retrying in %.1f s", self.base_url, reason, delay)
+            time.sleep(delay)
+
+    def _typed_error(self, response: httpx.Response) -> TwinkleError | None:
+        try:
+            data = _decode(response)
+            info = ErrorResponse.model_validate(data).error
+        except Exception:
+            return None
+        request_id = info.request_id or response.headers.get("x-request-id")
+        return error_from_code(info.code, info.message, request_id)
+
+    def _error(self, response: httpx.Response) -> TwinkleError:
+        err = self._typed_error(response)
+        status = response.status_code
+        if err is None:
+            request_id = response.headers.get("x-request-id")
+            text = f"HTTP {status} {response.reason_phrase} from {self.base_url}{response.request.url.path}"
+            code = {401: "unauthenticated", 403: "unauthenticated", 404: "not_found", 400: "invalid_argument",
+                    422: "invalid_argument"}.get(status, "internal" if status >= 500 else "twinkle_error")
+            err = error_from_code(code, text, request_id)
+        if status == 401 and not isinstance(err, AuthenticationError):
+            err = AuthenticationError(err.message, request_id=err.request_id)
+        if isinstance(err, AuthenticationError) and not self.has_api_key:
+            err.message += " (no API key was given: pass api_key=... or set TWINKLE_SERVER_TOKEN)"
+        err.http_status = status  # type: ignore[attr-defined]
+        return err
+
+
+def _decode(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    ctype = response.headers.get("content-type", "")
+    if "msgpack" in ctype:
+        return codec.unpack(response.content)
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TwinkleError(f"the twinkle server sent a reply that is not JSON: {exc}") from None
+
+
+def _rejects_encoding(exc: TwinkleError) -> bool:
+    """A server that does not inflate request bodies: 415 (RFC 7694), or it tried to parse gzip."""
+    status = getattr(exc, "http_status", None)
+    text = exc.message.lower()
+    return status == 415 or (status == 400 and ("msgpack" in text or "content-encoding" in text))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "no reply before the read timeout"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc) or "connection failed"
+        return "connection refused" if "refused" in text.lower() else text.splitlines()[0]
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the server closed the connection without replying"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
