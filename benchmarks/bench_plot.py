@@ -52,11 +52,11 @@ def bench_redraw(repeat: int) -> None:
     from twinkle_jupyter.history import RunHistory
     from twinkle_jupyter.render import PlotRenderer, RenderOptions
 
-    print("redraw (720x420 px, max_points=2000)")
+    print("redraw (720x420 px, max_points=1000)")
     for n in (1_000, 10_000, 100_000):
         pts = {"revision": 0, "points": _points(n), "total_steps": n}
         t = time.perf_counter()
-        hist = RunHistory("run-bench", max_points=2000)
+        hist = RunHistory("run-bench", max_points=1000)
         hist.ingest(pts)
         ingest = time.perf_counter() - t
         renderer = PlotRenderer()

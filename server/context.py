@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twinkle.model import MultiLoraTransformersModel
 
@@ -83,6 +83,3 @@ class ServerContext:
         self.worker.stop()
         self.data_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
-
-    def new_model_handle(self, user: Any, object_id: str) -> ModelHandle:
-        return ModelHandle(self.book, user, object_id)

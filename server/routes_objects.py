@@ -93,7 +93,10 @@ async def create_object(request: Request, user: CurrentUser,
     pending[slot] = future
     try:
         info = await _create(ctx, user, req, key, fingerprint)
-    except BaseException as exc:
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except Exception as exc:
         future.set_exception(exc)
         future.exception()  # mark retrieved: nobody may be waiting
         raise

@@ -292,10 +292,6 @@ class Store:
         )
         return [self._run(r) for r in rows], total
 
-    def run_owner(self, run_id: str) -> int | None:
-        rows = self._query("SELECT user_id FROM training_runs WHERE run_id = ?", (run_id,))
-        return int(rows[0][0]) if rows else None
-
     def run_ids(self) -> set[str]:
         return {r[0] for r in self._query("SELECT run_id FROM training_runs")}
 

@@ -260,7 +260,7 @@ def test_resume_refuses_a_model_of_another_base_model() -> None:
     from twinkle_jupyter.resume import choose_checkpoint, resume
 
     def run(rid: str, base: str) -> SimpleNamespace:
-        return SimpleNamespace(training_run_id=rid, base_model=base)
+        return SimpleNamespace(training_run_id=rid, base_model=base, status="detached")
 
     ckpt = SimpleNamespace(checkpoint_id="step-10", twinkle_path="twinkle://run-a/weights/step-10", step=10,
                            time=1.0, has_optimizer=True, consumed_train_samples=40)

@@ -135,7 +135,8 @@ def test_quickstart_notebook(
     assert len(static) == 1
     data = static[0].data
     assert set(data) >= {"image/png", "text/html", "text/plain"}
-    assert data["text/plain"].startswith(f"twinkle {run_id}:") and data["text/plain"].endswith("finished")
+    assert data["text/plain"].startswith(f"twinkle {run_id}: step 6/6,")  # total from the DataLoader
+    assert data["text/plain"].endswith("finished")
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in train.outputs)
 
     # The saved widget state carries the final loss points.
@@ -152,8 +153,12 @@ def test_quickstart_notebook(
     listed = set(RUN_ID.findall("".join(o.data["text/plain"] for o in runs_cell.outputs if "data" in o)))
     assert listed == {run_id}
     assert other_users_run not in listed
-    # A saved notebook stays small.
+    # A saved notebook stays small, and its HTML export shows the picture without a kernel.
     assert len(json.dumps(nb)) < 1_000_000
+    from nbconvert import HTMLExporter
+
+    exported, _ = HTMLExporter().from_notebook_node(nb)
+    assert data["image/png"][:200] in exported
     client.close()
 
 
@@ -195,7 +200,8 @@ def test_resume_notebook(
     for cell in train_cells:
         (static,) = _static_outputs(cell)
         assert static.data["text/plain"].endswith("finished")
-    assert "resumed at step 10" in _static_outputs(train_cells[1])[0].data["text/plain"]
+    second_summary = _static_outputs(train_cells[1])[0].data["text/plain"]
+    assert "step 20/20" in second_summary and "resumed at step 10" in second_summary
     final = [s for s in _plot_states(nb) if s["points"] and s["points"][0]["superseded"]["step"]]
     assert final and final[-1]["points"][0]["step"] == list(range(1, 21))
     assert final[-1]["points"][0]["superseded"]["step"] == list(range(11, 21))
@@ -325,7 +331,7 @@ def _plot_comm(result: Execution) -> str:
 def test_plot_updates_arrive_while_the_cell_blocks(kernel: tuple[Kernel, Any]) -> None:
     k, client = kernel
     # Slow the loop a little so the cell lasts a few seconds whatever the machine.
-    result = k.ok(BLOCKING_LOOP.format(epochs=2, extra="time.sleep(0.15)").replace("seen = []", "import time\nseen = []"))
+    result = k.ok(BLOCKING_LOOP.format(epochs=1, extra="time.sleep(0.15)").replace("seen = []", "import time\nseen = []"))
     comm = _plot_comm(result)
     updates = [t for t, m in result.of_type("comm_msg")
                if m["content"]["comm_id"] == comm and m["content"]["data"].get("method") == "update"
@@ -337,7 +343,7 @@ def test_plot_updates_arrive_while_the_cell_blocks(kernel: tuple[Kernel, Any]) -
     assert updates[-1] <= result.idle_at
     # At most two per second, the final one included.
     for a, b in zip(updates, updates[2:], strict=False):
-        assert b - a >= 0.9, updates
+        assert b - a >= 0.85, updates  # sent >= 1 s apart; a little delivery jitter allowed
     assert "image/png" in final["content"]["data"]
     assert final["content"]["data"]["text/plain"].endswith("finished")
     # Nothing is printed from the plot's thread, in this cell or later.
@@ -408,6 +414,15 @@ def test_bad_states_give_one_line(kernel: tuple[Kernel, Any], other_users_run: s
     (_, error), = result.of_type("error")
     tb = [ANSI.sub("", line) for line in error["content"]["traceback"]]
     assert len(tb) == 1 and tb[0].startswith("NotFoundError: no training run")
+    # Status, and a plot of the newest run (not training: it is finalized when the cell ends).
+    status = k.ok("%twinkle status")
+    (_, shown), = status.of_type("display_data")
+    assert "kernel-user" in shown["content"]["data"]["text/plain"]
+    assert "adapter slots" in shown["content"]["data"]["text/plain"]
+    plotted = k.ok("%twinkle plot --x time --log")
+    (_, final), = plotted.of_type("update_display_data")
+    assert final["content"]["data"]["text/plain"].startswith("twinkle run-")
+    assert final["content"]["data"]["text/plain"].endswith("finished")
     # The run browser lists exactly this user's runs.
     listed = k.ok("from twinkle_jupyter import RunBrowser\nprint(RunBrowser().text())").stream("stdout")
     assert set(RUN_ID.findall(listed)) == {r.training_run_id for r in client.list_training_runs(limit=100)}
@@ -415,6 +430,10 @@ def test_bad_states_give_one_line(kernel: tuple[Kernel, Any], other_users_run: s
 
 
 # ---------------------------------------------------------------------------- browsers, in this process
+
+
+def namespace_untouched(ns: dict[str, Any]) -> bool:
+    return not ns
 
 
 def test_browsers_page_compare_delete_and_resume(
@@ -462,16 +481,18 @@ def test_browsers_page_compare_delete_and_resume(
     cb.confirm_button.click()
     assert [c.checkpoint_id for c in client.list_checkpoints(held)] == ["ck-a"] == cb.checkpoint_ids
 
-    # Resume while another live object trains the run: one line in the status, no exception.
-    cb.resume_button.click()
-    assert "is being trained by live model object" in cb.last_message
-    # With that object gone and no model in the notebook, Resume builds one from the run's record.
-    raw.delete(f"/objects/{objects[0]}")
     import twinkle_client.client as connection
 
     saved = connection._current
-    connection._current = client  # the new remote model uses the current connection
+    connection._current = client  # remote models use the current connection
     try:
+        # Resume while another live object trains the run: one line in the status, no exception.
+        cb.namespace = {}
+        cb.resume_button.click()
+        assert cb.last_message.startswith(f"run {held} is still held by a live model object")
+        assert namespace_untouched(cb.namespace)
+        # With that object gone and no model in the notebook, Resume builds one from the run's record.
+        raw.delete(f"/objects/{objects[0]}")
         namespace: dict[str, Any] = {}
         cb.namespace = namespace
         result = cb.resume("ck-a")

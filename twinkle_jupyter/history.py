@@ -113,7 +113,7 @@ class BoundedSeries:
     Appending is amortized O(1); :meth:`items` is O(max_points).
     """
 
-    def __init__(self, max_points: int = 2000, key: Callable[[Any], float] | None = None) -> None:
+    def __init__(self, max_points: int = 1000, key: Callable[[Any], float] | None = None) -> None:
         if max_points < 8:
             raise ValueError(f"max_points must be >= 8, got {max_points}")
         self.max_points = int(max_points)
@@ -124,11 +124,12 @@ class BoundedSeries:
         self._pending: list[Any] = []
         self._stride = 1
         self._count = 0
+        self._kept = 0  # items in the buckets
 
-    # Budget: first + 2 per bucket + (min, max, last) of the pending bucket.
+    # Budget for the buckets' items: the rest is first + (min, max) of the pending bucket + last.
     @property
     def _bucket_budget(self) -> int:
-        return max(2, (self.max_points - 4) // 2)
+        return self.max_points - 4
 
     def __len__(self) -> int:
         """The number of items kept (not the number appended: see :attr:`count`)."""
@@ -159,6 +160,7 @@ class BoundedSeries:
         self._pending.clear()
         self._stride = 1
         self._count = 0
+        self._kept = 0
 
     def append(self, item: Any) -> None:
         self._count += 1
@@ -168,9 +170,11 @@ class BoundedSeries:
             return
         self._pending.append(item)
         if len(self._pending) >= self._stride:
-            self._buckets.append(self._extremes(self._pending))
+            bucket = self._extremes(self._pending)
+            self._buckets.append(bucket)
+            self._kept += len(bucket)
             self._pending = []
-            if len(self._buckets) > self._bucket_budget:
+            if self._kept > self._bucket_budget:
                 self._coarsen()
 
     def extend(self, items: Iterable[Any]) -> None:
@@ -215,6 +219,7 @@ class BoundedSeries:
             # next appends complete it (its extremes are what remain of its items).
             self._pending = list(buckets[-1]) + self._pending
         self._buckets = merged
+        self._kept = sum(len(b) for b in merged)
         self._stride *= 2
 
 
@@ -308,18 +313,28 @@ class _StepAcc:
     completed: bool = False
 
     def add(self, point: Any) -> None:
-        loss = float(_get(point, "loss", math.nan))
-        tokens = int(_get(point, "num_tokens", 0) or 0)
+        # Hot path of a full refetch (every point of a run): one attribute read per field.
+        if isinstance(point, dict):
+            get = point.get
+            loss, tokens, t = get("loss"), get("num_tokens"), get("time")
+            gn, lr, done = get("grad_norm"), get("lr"), get("completed")
+        else:
+            loss, tokens, t = point.loss, point.num_tokens, point.time
+            gn, lr, done = point.grad_norm, point.lr, point.completed
+        loss = math.nan if loss is None else float(loss)
+        tokens = int(tokens or 0)
         self.count += 1
         self.plain_sum += loss
         self.loss_sum += loss * tokens
         self.tokens += tokens
-        self.time = max(self.time, float(_get(point, "time", 0.0) or 0.0))
-        if _get(point, "grad_norm") is not None:
-            self.grad_norm = float(_get(point, "grad_norm"))
-        if _get(point, "lr") is not None:
-            self.lr = float(_get(point, "lr"))
-        self.completed = self.completed or bool(_get(point, "completed", False))
+        if t and t > self.time:
+            self.time = float(t)
+        if gn is not None:
+            self.grad_norm = float(gn)
+        if lr is not None:
+            self.lr = float(lr)
+        if done:
+            self.completed = True
 
     def record(self) -> StepRecord:
         loss = self.loss_sum / self.tokens if self.tokens else self.plain_sum / max(1, self.count)
@@ -337,11 +352,13 @@ class _StepAcc:
 
 def _group_by_step(points: Iterable[Any]) -> list[_StepAcc]:
     groups: list[_StepAcc] = []
+    acc: _StepAcc | None = None
     for point in points:
-        step = int(_get(point, "step", 0))
-        if not groups or groups[-1].step != step:
-            groups.append(_StepAcc(step))
-        groups[-1].add(point)
+        step = int(point["step"] if isinstance(point, dict) else point.step)
+        if acc is None or acc.step != step:
+            acc = _StepAcc(step)
+            groups.append(acc)
+        acc.add(point)
     return groups
 
 
@@ -361,7 +378,7 @@ class RunHistory:
     """
 
     run_id: str
-    max_points: int = 2000
+    max_points: int = 1000
     smoothing: float = 0.6
     revision: int | None = None
     total_steps: int | None = None

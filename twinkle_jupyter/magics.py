@@ -59,7 +59,7 @@ class TwinkleMagics(Magics):
     ).tag(config=True)
     poll_interval = Float(0.5, help="Seconds between metric fetches of a live plot.").tag(config=True)
     max_redraw_hz = Float(2.0, help="At most this many plot updates per second.").tag(config=True)
-    max_points = Int(2000, help="Steps kept per run (older ones downsampled; first/last/extremes kept).").tag(
+    max_points = Int(1000, help="Steps kept per run (older ones downsampled; first/last/extremes kept).").tag(
         config=True
     )
     smoothing = Float(0.6, help="EMA weight of the smoothed loss, in [0, 1).").tag(config=True)

@@ -76,7 +76,7 @@ class LossPlot(widgets.VBox):
         client: Any = None,
         poll_interval: float = 0.5,
         max_redraw_hz: float = 2.0,
-        max_points: int = 2000,
+        max_points: int = 1000,
         smoothing: float = 0.6,
         x_axis: str = "step",
         log_scale: bool = False,

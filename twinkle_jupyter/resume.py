@@ -172,10 +172,22 @@ def resume(
     name, target = _pick_model(run, namespace, model, client)
     created = False
     if target is None:
+        if run.status == "active":
+            # Checked before making a model (a slot, a round trip) the server would refuse.
+            raise StateError(
+                f"run {run_id} is still held by a live model object (another kernel, or one the server "
+                "has not expired yet); close it there (model.close()) or wait for the server's idle timeout"
+            )
         name, target = _create_model(run, namespace, model_name)
         created = True
-
-    progress = target.resume_from_checkpoint(ckpt.twinkle_path)
+    try:
+        progress = target.resume_from_checkpoint(ckpt.twinkle_path)
+    except BaseException:
+        if created:
+            _close_quietly(target)  # a failed resume must not leave a half-made model behind
+        raise
+    if created:
+        namespace[name] = target
     _follow_run(target, run)
     cur_step = int(_get(progress, "cur_step", ckpt.step))
     consumed = int(_get(progress, "consumed_train_samples", ckpt.consumed_train_samples))
@@ -257,6 +269,16 @@ def _create_model(run: Any, namespace: MutableMapping[str, Any], model_name: str
     from twinkle_client.model import MultiLoraTransformersModel
 
     model = MultiLoraTransformersModel(model_id=run.base_model)
+    try:
+        _configure(model, run)
+    except BaseException:
+        _close_quietly(model)
+        raise
+    return model_name, model
+
+
+def _configure(model: Any, run: Any) -> None:
+    """Adapter and components as the run recorded them (the server checks them all)."""
     model.add_adapter_to_model(
         run.adapter_name, dict(run.lora_config), gradient_accumulation_steps=int(run.gradient_accumulation_steps)
     )
@@ -267,8 +289,14 @@ def _create_model(run: Any, namespace: MutableMapping[str, Any], model_name: str
             continue
         setter = getattr(model, f"set_{kind}")
         setter(spec["name"], **dict(spec.get("kwargs") or {}))
-    namespace[model_name] = model
-    return model_name, model
+    model.flush()  # the set_* calls are deferred: a bad component fails here, not later
+
+
+def _close_quietly(model: Any) -> None:
+    try:
+        model.close()
+    except Exception:
+        pass
 
 
 def _follow_run(model: Any, run: Any) -> None:

@@ -55,7 +55,7 @@ class _Defaults:
 
     poll_interval = 0.5
     max_redraw_hz = 2.0
-    max_points = 2000
+    max_points = 1000
     smoothing = 0.6
     x_axis = "step"
     log_scale = False
@@ -91,7 +91,6 @@ class TwinkleSession:
         self._interrupt_pending = False
         self._prev_sigint: Any = None
         self._sigint_installed = False
-        self.hook_calls = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -260,7 +259,6 @@ class TwinkleSession:
 
     def _on_event(self, event: Any) -> None:
         """The per-call hook: O(1) unless this is a run's first call in the cell."""
-        self.hook_calls += 1
         if event.kind != "forward_backward":
             return
         if self._interrupt_pending:
@@ -311,6 +309,15 @@ class TwinkleSession:
             for loader, start in self._loaders_at_start.values()
             if _consumed(loader) != start
         ]
+        if not moved and "twinkle_client.dataloader" in sys.modules:
+            # A loader made in this very cell: it started at sample 0.
+            from .resume import find_dataloaders
+
+            moved = [
+                (loader, 0)
+                for _name, loader in find_dataloaders(self.shell.user_ns)
+                if id(loader) not in self._loaders_at_start and _consumed(loader) > 0
+            ]
         if len(moved) != 1:
             return None
         loader, start = moved[0]
@@ -344,7 +351,10 @@ class TwinkleSession:
             self._interrupt_pending = False
             prev = self._prev_sigint
             if callable(prev) and prev is not self._on_sigint:
+                # default_int_handler raises KeyboardInterrupt; ipykernel's async-cell handler
+                # cancels the cell's task instead.
                 prev(signum, frame)
+                return
             raise KeyboardInterrupt
         self._interrupt_pending = True
 
