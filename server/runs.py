@@ -130,19 +130,7 @@ class RunBook:
 
     def record_checkpoint(self, run_id: str, name: str, folder: Path) -> None:
         """Insert (or replace) the row of a checkpoint folder that is complete on disk."""
-        meta = ckpt.CheckpointMeta.read(folder)
-        self.store.upsert_checkpoint(
-            run_id,
-            name,
-            time_=meta.created,
-            size_bytes=ckpt.folder_size(folder),
-            step=meta.cur_step,
-            consumed_train_samples=meta.consumed_train_samples,
-            loss=meta.last_loss,
-            has_optimizer=meta.has_training_state,
-            base_model=meta.base_model,
-            lora_rank=meta.lora_rank,
-        )
+        record_checkpoint(self.store, run_id, name, folder, ckpt.CheckpointMeta.read(folder))
 
     def delete_checkpoint(self, user_id: int, run_id: str, name: str) -> str:
         """Remove a checkpoint's folder, then its row (run on the device worker, so no save races it)."""
@@ -155,6 +143,22 @@ class RunBook:
 
     def remove_run_dir(self, run_id: str) -> None:
         shutil.rmtree(self.settings.runs_dir / run_id, ignore_errors=True)
+
+
+def record_checkpoint(store: Store, run_id: str, name: str, folder: Path, meta: ckpt.CheckpointMeta) -> None:
+    """The checkpoint row for a complete folder, from its ``twinkle_checkpoint.json``."""
+    store.upsert_checkpoint(
+        run_id,
+        name,
+        time_=meta.created,
+        size_bytes=ckpt.folder_size(folder),
+        step=meta.cur_step,
+        consumed_train_samples=meta.consumed_train_samples,
+        loss=meta.last_loss,
+        has_optimizer=meta.has_training_state,
+        base_model=meta.base_model,
+        lora_rank=meta.lora_rank,
+    )
 
 
 def reconcile(store: Store, settings: Settings) -> dict[str, int]:
@@ -193,18 +197,7 @@ def reconcile(store: Store, settings: Settings) -> dict[str, int]:
                 except CheckpointError as exc:
                     log.warning("skipping checkpoint folder %s: %s", folder, exc)
                     continue
-                store.upsert_checkpoint(
-                    run_dir.name,
-                    folder.name,
-                    time_=meta.created,
-                    size_bytes=ckpt.folder_size(folder),
-                    step=meta.cur_step,
-                    consumed_train_samples=meta.consumed_train_samples,
-                    loss=meta.last_loss,
-                    has_optimizer=meta.has_training_state,
-                    base_model=meta.base_model,
-                    lora_rank=meta.lora_rank,
-                )
+                record_checkpoint(store, run_dir.name, folder.name, folder, meta)
                 counts["added"] += 1
     return counts
 

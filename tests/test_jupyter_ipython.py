@@ -285,3 +285,17 @@ def test_resume_refuses_a_model_of_another_base_model() -> None:
         choose_checkpoint([ckpt], "step-9", "run-a")
     with pytest.raises(NotFoundError, match="no checkpoints yet"):
         choose_checkpoint([], "latest", "run-a")
+
+
+def test_browsers_without_server_say_so_in_their_status_line() -> None:
+    from twinkle_client import TwinkleClient
+    from twinkle_jupyter import CheckpointBrowser, RunBrowser
+
+    dead = TwinkleClient("http://127.0.0.1:9")
+    start = time.monotonic()
+    rb = RunBrowser(client=dead, namespace={})
+    cb = CheckpointBrowser("run-x", client=dead, namespace={})
+    assert time.monotonic() - start < 10
+    for browser in (rb, cb):
+        assert browser.last_message == "cannot reach the twinkle server at http://127.0.0.1:9"
+        browser.close()

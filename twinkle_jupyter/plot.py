@@ -126,8 +126,9 @@ class LossPlot(widgets.VBox):
         self.finalized = False
         self.on_finalize: Callable[[LossPlot, dict[str, Any]], None] | None = None
 
-        self.view = PlotView(value=self._placeholder_html(), layout=widgets.Layout(width=f"{width + 8}px"))
-        self.view.add_class("twinkle-loss-plot")
+        # The class goes in at construction: add_class() later would cost one more message.
+        self.view = PlotView(value=self._placeholder_html(), layout=widgets.Layout(width=f"{width + 8}px"),
+                             _dom_classes=("twinkle-loss-plot",))
         children: list[widgets.Widget] = []
         self._controls: dict[str, widgets.Widget] = {}
         if show_controls:

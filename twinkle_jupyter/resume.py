@@ -188,7 +188,6 @@ def resume(
         raise
     if created:
         namespace[name] = target
-    _follow_run(target, run)
     cur_step = int(_get(progress, "cur_step", ckpt.step))
     consumed = int(_get(progress, "consumed_train_samples", ckpt.consumed_train_samples))
 
@@ -297,19 +296,3 @@ def _close_quietly(model: Any) -> None:
         model.close()
     except Exception:
         pass
-
-
-def _follow_run(model: Any, run: Any) -> None:
-    """Make the client-side model report the resumed run in its events.
-
-    The server re-attaches the adapter to the checkpoint's run, but the client model keeps the
-    run id it got from ``add_adapter_to_model``; without this the live plot would follow a run
-    that no longer exists.
-    """
-    if model.training_run_id == run.training_run_id:
-        return
-    runs = getattr(model, "_twinkle_runs", None)
-    adapter = getattr(model, "_twinkle_last_adapter", None)
-    if isinstance(runs, dict) and adapter in runs:
-        # Workaround until twinkle_client updates this itself on resume_from_checkpoint.
-        runs[adapter] = run.training_run_id

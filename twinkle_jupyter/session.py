@@ -122,6 +122,13 @@ class TwinkleSession:
         self._restore_custom_exc()
         self._restore_sigint()
         for plot in list(self.plots):
+            if plot.handle is not None and not plot.finalized:
+                # Still live in some output: leave a picture there, not a widget that dies.
+                try:
+                    plot.finalize("stopped", fetch=False)
+                    continue
+                except Exception:
+                    pass
             plot.stop(timeout=2.0)
         if _SESSIONS.get(self.shell) is self:
             del _SESSIONS[self.shell]
