@@ -24,7 +24,7 @@ from typing import Any
 
 from twinkle import checkpoint as ckpt
 from twinkle.api import api_methods
-from twinkle.errors import CheckpointError, InvalidArgumentError, NotFoundError, StateError
+from twinkle.errors import CheckpointError, InvalidArgumentError, NotFoundError, StateError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel
 from twinkle_client.codec import from_wire, to_wire
 from twinkle_client.types import TWINKLE_SCHEME, CheckpointPath
@@ -240,12 +240,19 @@ class ModelHandle:
         link = self._link(bound.arguments.get("adapter_name"))
         bound.arguments["adapter_name"] = link.base_name
         handler = getattr(self, f"_do_{method}", None)
-        if handler is not None:
-            result = handler(link, bound)
-        elif method in COMPONENT_SETTERS:
-            result = self._set_component(method, link, bound)
-        else:
-            result = self._invoke(method, bound)
+        try:
+            if handler is not None:
+                result = handler(link, bound)
+            elif method in COMPONENT_SETTERS:
+                result = self._set_component(method, link, bound)
+            else:
+                result = self._invoke(method, bound)
+        except TwinkleError as err:
+            # The library names the adapter by its name on the shared base model; the user
+            # knows it by their own name.
+            if link.base_name in err.message:
+                raise type(err)(err.message.replace(link.base_name, link.name)) from None
+            raise
         if self.links.get(link.name) is link:
             self._sync(link)
         return result

@@ -61,6 +61,11 @@ def test_bad_calls(user) -> None:
     assert err["code"] == "invalid_argument" and "inputs" in err["message"]
     err = call_error(c, model, "step", adapter_name="nope")
     assert err["code"] == "not_found" and "nope" in err["message"]
+    fresh = c.create("model", model_id="builtin://tiny-qwen2")
+    c.call(fresh, "add_adapter_to_model", "mine", {"r": 4, "target_modules": "all-linear"})
+    err = call_error(c, fresh, "forward_backward", [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    assert err["code"] == "invalid_state" and "adapter 'mine' has no optimizer" in err["message"], err
+    c.delete(f"/objects/{fresh}")
 
 
 def test_bad_batches(user) -> None:
