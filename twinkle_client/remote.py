@@ -277,6 +277,7 @@ def _unexpected_ref(ref: str) -> str:
 
 
 _LIVE: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_LIVE_OBJECTS: weakref.WeakSet[RemoteObject] = weakref.WeakSet()
 
 
 @atexit.register
@@ -288,6 +289,15 @@ def _drain_at_exit() -> None:
         failure = pipeline.take_failure()
         if failure is not None:
             log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
+    # Release the server objects (adapter slots, and the runs they hold) now rather than at the
+    # server's idle timeout, so that a restarted kernel can resume the same run at once.
+    for obj in list(_LIVE_OBJECTS):
+        if time.monotonic() >= deadline:
+            break
+        try:
+            obj.close()
+        except Exception as exc:  # exit must go on whatever the server says
+            log.info("twinkle: closing %r at exit: %s", obj, exc)
 
 
 def ref_of(value: Any) -> str | None:
@@ -360,6 +370,7 @@ class RemoteObject:
         label = f"{type(self).__name__} {info.object_id}"
         self._twinkle_pipeline = Pipeline(label, info.object_id)
         self._twinkle_finalizer = weakref.finalize(self, self._twinkle_pipeline.shutdown)
+        _LIVE_OBJECTS.add(self)
 
     @property
     def object_id(self) -> str:

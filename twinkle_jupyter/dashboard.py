@@ -5,14 +5,21 @@ It serves one page and three read-only JSON routes under the Jupyter server's ow
 ``twinkle_client``, so the browser never holds the twinkle API key and never needs to
 reach the twinkle server: it works behind JupyterHub and remote proxies, where an iframe
 to another port does not.
+
+Enabled in every Jupyter server of an environment it is installed into (the wheel carries
+``etc/jupyter/jupyter_server_config.d/twinkle_jupyter.json``); by hand:
+``jupyter server extension enable --sys-prefix twinkle_jupyter``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
+import secrets
+import threading
 from importlib import resources
 from typing import Any
 
@@ -22,16 +29,22 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 from traitlets import Float, Unicode
 
-from twinkle.errors import TwinkleError
-
 _RUN_ID = r"(?P<run_id>[A-Za-z0-9][\w.-]{0,127})"
+# twinkle error code -> HTTP status of the dashboard's answer. A key the twinkle server refuses
+# is the Jupyter server's configuration problem, not the browser user's: 502, never 401/403
+# (which would look like the Jupyter login failing).
 _STATUS = {"not_found": 404, "invalid_argument": 400, "unauthenticated": 502, "unavailable": 502}
+_NOT_CONFIGURED = (
+    "no twinkle server configured for this Jupyter server: set c.TwinkleDashboardApp.server_url "
+    "(or TWINKLE_SERVER_URL in the Jupyter server's environment) and restart it"
+)
 
 
 class TwinkleDashboardApp(ExtensionApp):
     """Adds ``/twinkle`` to a Jupyter server. Settings: ``c.TwinkleDashboardApp.server_url``
     and ``api_key``, else ``TWINKLE_SERVER_URL`` / ``TWINKLE_SERVER_TOKEN`` of the Jupyter
-    server's environment."""
+    server's environment. The key is used by the Jupyter server only; pages and JSON answers
+    never contain it."""
 
     name = "twinkle_jupyter"
     load_other_extensions = True
@@ -39,6 +52,9 @@ class TwinkleDashboardApp(ExtensionApp):
     server_url = Unicode("", help="URL of the twinkle server (default: $TWINKLE_SERVER_URL).").tag(config=True)
     api_key = Unicode("", help="API key for the twinkle server (default: $TWINKLE_SERVER_TOKEN).").tag(config=True)
     timeout = Float(30.0, help="Seconds to wait for the twinkle server.").tag(config=True)
+
+    _client: Any = None
+    _client_lock = threading.Lock()
 
     def initialize_settings(self) -> None:
         self.settings["twinkle_dashboard"] = self
@@ -53,46 +69,103 @@ class TwinkleDashboardApp(ExtensionApp):
             ]
         )
 
-    def make_client(self) -> Any:
-        from twinkle_client import TwinkleClient
+    def settings_in_use(self) -> tuple[str, str | None]:
+        """``(url, key)``: the configured ones, else the Jupyter server's environment."""
+        url = self.server_url or os.environ.get("TWINKLE_SERVER_URL") or ""
+        key = self.api_key or os.environ.get("TWINKLE_SERVER_TOKEN") or None
+        return url.strip(), key
 
-        return TwinkleClient(
-            base_url=self.server_url or os.environ.get("TWINKLE_SERVER_URL") or None,
-            api_key=self.api_key or os.environ.get("TWINKLE_SERVER_TOKEN") or None,
-        )
+    def client(self) -> Any:
+        """One ``TwinkleClient`` for every request (httpx pools its connections), made on first use.
+
+        Only the configured server is ever asked: without a URL there is no default to fall back to.
+        """
+        with self._client_lock:
+            if self._client is None or self._client.closed:
+                url, key = self.settings_in_use()
+                if not url:
+                    from twinkle.errors import StateError
+
+                    raise StateError(_NOT_CONFIGURED)
+                from twinkle_client import TwinkleClient
+
+                # No retries: the page polls every second or so and shows the error itself.
+                self._client = TwinkleClient(
+                    base_url=url, api_key=key, timeout=self.timeout,
+                    connect_timeout=min(5.0, self.timeout), retry_timeout=0.0,
+                )
+            return self._client
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the key or the twinkle server's URL (error messages go to the browser)."""
+        url, key = self.settings_in_use()
+        if key:
+            text = text.replace(key, "***")
+        if url:
+            text = text.replace(url.rstrip("/"), "the twinkle server")
+        return text
+
+    async def stop_extension(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
-class _Base(ExtensionHandlerMixin, JupyterHandler):
-    @property
-    def dashboard(self) -> TwinkleDashboardApp:
-        return self.settings["twinkle_dashboard"]
+class DashboardPage(ExtensionHandlerMixin, JupyterHandler):
+    """The page. Its script only talks to this Jupyter server (same origin, the login cookie)."""
 
-
-class DashboardPage(_Base):
     @web.authenticated
     def get(self) -> None:
         page = resources.files("twinkle_jupyter").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+        nonce = base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+        page = page.replace("{{nonce}}", nonce)
+        # Only this page's own script and style run, and it can only fetch from this server.
+        self.set_header(
+            "Content-Security-Policy",
+            "; ".join(
+                [
+                    self.content_security_policy,
+                    "default-src 'none'",
+                    f"script-src 'nonce-{nonce}'",
+                    f"style-src 'nonce-{nonce}'",
+                    "connect-src 'self'",
+                    "img-src 'self' data:",
+                    "base-uri 'none'",
+                    "form-action 'none'",
+                ]
+            ),
+        )
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(page)
 
 
 class _Api(ExtensionHandlerMixin, APIHandler):
+    """Read-only JSON over one twinkle_client call. There are no write routes (POST etc.: 405)."""
+
     async def ask(self, fn_name: str, *args: Any, **kwargs: Any) -> None:
         """Run one twinkle_client call off the event loop and answer with its JSON."""
+        from twinkle.errors import TwinkleError
+
         app: TwinkleDashboardApp = self.settings["twinkle_dashboard"]
 
         def call() -> Any:
-            with app.make_client() as client:
-                return getattr(client, fn_name)(*args, **kwargs)
+            return getattr(app.client(), fn_name)(*args, **kwargs)
 
+        self.set_header("Cache-Control", "no-store")
         try:
             result = await asyncio.to_thread(call)
         except TwinkleError as err:
-            self.set_status(_STATUS.get(err.code, 502))
-            self.finish(json.dumps({"error": str(err)}))
+            status = 503 if str(err) == _NOT_CONFIGURED else _STATUS.get(err.code, 502)
+            self.set_status(status)
+            self.finish(json.dumps({"error": app.scrub(str(err))}))
             return
-        self.set_header("Cache-Control", "no-store")
+        except Exception as err:  # a bug or a broken reply: logged here, one line there
+            self.log.exception("twinkle dashboard: %s failed", fn_name)
+            self.set_status(502)
+            self.finish(json.dumps({"error": app.scrub(f"the twinkle server's answer failed: {type(err).__name__}")}))
+            return
         self.finish(json.dumps(_plain(result)))
 
 
@@ -101,6 +174,8 @@ class RunsHandler(_Api):
     async def get(self) -> None:
         limit = _int_arg(self, "limit", 50)
         offset = _int_arg(self, "offset", 0)
+        if not 1 <= limit <= 500:
+            raise web.HTTPError(400, "limit must be between 1 and 500")
         await self.ask("list_training_runs", limit=limit, offset=offset)
 
 
