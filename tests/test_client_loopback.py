@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -431,7 +432,8 @@ class FakeTwinkle:
             data = req.data()
             args = codec.from_wire(data["args"], self._resolve)
             kwargs = codec.from_wire(data["kwargs"], self._resolve)
-            oid = f"obj-{len(self.objects) + 1}"
+            oid = f"obj-{uuid.uuid4().hex[:12]}"  # unique, as the real server's: a late release of an
+            # object from an earlier test must not hit this one
             self.objects[oid] = Slot(self.KINDS[data["kind"]](*args, **kwargs), data["kind"])
             self.by_key[key] = oid
             return 200, codec.pack({"object_id": oid, "kind": data["kind"]})

@@ -544,3 +544,11 @@ def test_dataloader_on_encoded_dataset_with_processor(template):
     pad = template.pad_token_id
     short = int(batch["attention_mask"].sum(1).argmin())
     assert batch["input_ids"][short, -1] == pad and batch["labels"][short, -1] == -100
+
+
+@pytest.mark.parametrize("dataset_id", ["hf:///etc", "hf://../x/y", "hf://tmp/../../etc", "ms:///etc/passwd", "hf://a/b/c"])
+def test_hub_ids_are_never_local_paths(dataset_id) -> None:
+    from twinkle.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="is not a hub id"):
+        Dataset(DatasetMeta(dataset_id))

@@ -280,3 +280,40 @@ class TestBadInput:
             model.save("../escape")
         with pytest.raises(errors.NotFoundError, match="no adapter named 'zzz'"):
             model.step(adapter_name="zzz")
+
+
+def test_labels_outside_the_vocabulary_are_refused(tmp_path, dataset) -> None:
+    model = make_model(tmp_path)
+    sample = dict(dataset[0])
+    sample["labels"] = [10_000 if x != -100 else x for x in sample["labels"]]
+    with pytest.raises(errors.InvalidArgumentError, match="labels contain 10000, outside the vocabulary"):
+        model.forward_backward(inputs=[sample])
+    assert model.get_train_state()["micro_step"] == 0
+
+
+def test_a_failed_backward_resets_the_window(tmp_path, dataset, monkeypatch) -> None:
+    model = make_model(tmp_path, k=2)
+    model.forward_backward(inputs=[dataset[0]])
+    state = model._adapter(None)
+    assert state.micro_in_window == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(torch.Tensor, "backward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        model.forward_backward(inputs=[dataset[1]])
+    monkeypatch.undo()
+    assert state.micro_in_window == 0 and all(p.grad is None for p in model._params(state))
+    # the next window is a clean one: two micro-batches, then an update
+    model.forward_backward(inputs=[dataset[2]])
+    model.forward_backward(inputs=[dataset[3]])
+    assert model.step() is True
+
+
+def test_bad_lora_config_values(tmp_path) -> None:
+    model = MultiLoraTransformersModel(MODEL, output_dir=str(tmp_path))
+    for config, message in (({"r": "x"}, "rank r must be an integer"), ({"lora_dropout": "x", "r": 4}, "")):
+        with pytest.raises(errors.InvalidArgumentError, match=message):
+            model.add_adapter_to_model("a", config)
+    assert model.adapters == []

@@ -7,11 +7,16 @@ imported only when a hub id is used, so offline work never touches them.
 from __future__ import annotations
 
 import os
+import re
+import threading
 from pathlib import Path
 
 from .errors import HubError, NotFoundError
 
 BUILTIN_MODELS = ("builtin://tiny-qwen2",)
+# A hub repository id: exactly "org/name", nothing that a hub SDK could take for a local path.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_MS_LOGIN_LOCK = threading.Lock()
 BUILTIN_DATASETS = ("builtin://self-cognition",)
 
 
@@ -28,6 +33,12 @@ def split_id(resource_id: str) -> tuple[str, str]:
     if "://" in resource_id:
         raise NotFoundError(f"unknown id scheme in {resource_id!r}; use builtin://, ms://, hf:// or a local path")
     return "ms", resource_id
+
+
+def check_hub_repo_id(scheme: str, repo_id: str) -> None:
+    """Refuse a hub id that is not ``org/name`` (hub SDKs read ``hf:///tmp/x`` as a local path)."""
+    if not HUB_REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise NotFoundError(f"{scheme}://{repo_id} is not a hub id; use {scheme}://org/name")
 
 
 def canonical_model_id(model_id: str) -> str:
@@ -57,6 +68,7 @@ def resolve_model_dir(model_id: str) -> Path:
 
 def snapshot_download(scheme: str, repo_id: str, *, repo_type: str) -> str:
     """Download (or reuse the local cache of) a hub repository, with a clear offline error."""
+    check_hub_repo_id(scheme, repo_id)
     try:
         if scheme == "ms":
             from modelscope import snapshot_download as ms_download
@@ -99,12 +111,20 @@ def upload_folder(folder: str | os.PathLike[str], hub_model_id: str, *, token: s
             api.create_repo(repo_id, exist_ok=True)
             api.upload_folder(folder_path=str(folder), repo_id=repo_id)
         else:
+            import inspect
+
             from modelscope.hub.api import HubApi
 
             api = HubApi(timeout=timeout)
-            if token:
-                api.login(token)
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+            if "token" in inspect.signature(api.upload_folder).parameters:
+                api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token)
+            else:
+                # Older SDKs only take a token through login(), which is process-wide state:
+                # one upload at a time, so no upload runs under another caller's login.
+                with _MS_LOGIN_LOCK:
+                    if token:
+                        api.login(token)
+                    api.upload_folder(repo_id=repo_id, folder_path=str(folder))
     except ImportError as exc:
         sdk = "modelscope" if scheme == "ms" else "huggingface_hub"
         raise HubError(f"uploading to {scheme}:// needs the {sdk} package: pip install 'twinkle-notebook[hub]'") from exc

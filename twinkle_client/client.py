@@ -169,10 +169,8 @@ class TwinkleClient:
 
     def get_latest_checkpoint_path(self, run_id: str) -> str | None:
         """The ``twinkle://`` path of the run's newest checkpoint, or None if it has none."""
-        checkpoints = self.list_checkpoints(run_id)
-        if not checkpoints:
-            return None
-        return max(checkpoints, key=lambda c: (c.time, c.step)).twinkle_path
+        newest = newest_checkpoint(self.list_checkpoints(run_id))
+        return newest.twinkle_path if newest is not None else None
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> DeleteCheckpointResponse:
         """Delete one checkpoint of a run."""
@@ -275,3 +273,9 @@ def current_client() -> TwinkleClient:
             f"the current twinkle client ({client.base_url}) was closed; call init_twinkle_client(...) to reconnect"
         )
     return client
+
+
+def newest_checkpoint(checkpoints: list[Checkpoint]) -> Checkpoint | None:
+    """The most recently saved checkpoint: after a resume from an earlier step, that is the one
+    on the live branch, not the highest step of the abandoned one."""
+    return max(checkpoints, key=lambda c: (c.time, c.step), default=None)

@@ -42,7 +42,7 @@ def _lora_from_dict(data: dict[str, Any]) -> Any:
 
     try:
         return LoraConfig(**data)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"bad LoraConfig: {exc}") from None
 
 
@@ -161,7 +161,14 @@ def from_wire(data: Any, resolve_ref: Callable[[str], Any] | None = None, *, ten
         entry = _table().get(str(data[_TYPE]))
         if entry is None:
             raise InvalidArgumentError(f"unknown value type {data[_TYPE]!r}")
-        return entry[2](from_wire(data.get("value"), resolve_ref, tensors=tensors))
+        value = from_wire(data.get("value"), resolve_ref, tensors=tensors)
+        try:
+            return entry[2](value)
+        except InvalidArgumentError:
+            raise
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidArgumentError(f"malformed {data[_TYPE]} value: {first}") from None
     return {k: from_wire(v, resolve_ref, tensors=tensors) for k, v in data.items()}
 
 

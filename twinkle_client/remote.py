@@ -42,6 +42,7 @@ log = logging.getLogger("twinkle_client")
 
 MAX_CALLS_PER_BATCH = 64
 EXIT_DRAIN_S = 10.0
+GC_DRAIN_S = 60.0
 CLOSE_RETRY = RetryPolicy(total_s=5.0)
 
 
@@ -292,12 +293,36 @@ def _drain_at_exit() -> None:
     # Release the server objects (adapter slots, and the runs they hold) now rather than at the
     # server's idle timeout, so that a restarted kernel can resume the same run at once.
     for obj in list(_LIVE_OBJECTS):
-        if time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             break
         try:
-            obj.close()
+            obj._twinkle_close(remaining)
         except Exception as exc:  # exit must go on whatever the server says
             log.info("twinkle: closing %r at exit: %s", obj, exc)
+
+
+def _release_later(pipeline: Pipeline, object_id: str) -> None:
+    """Finalizer: garbage collection may run anywhere, so the network part goes to a thread."""
+
+    def run() -> None:
+        pipeline.join(GC_DRAIN_S)
+        _release(pipeline, object_id)
+
+    threading.Thread(target=run, name=f"twinkle-release-{object_id}", daemon=True).start()
+
+
+def _release(pipeline: Pipeline, object_id: str) -> None:
+    """Stop ``pipeline``'s sender and delete the server object; never raises."""
+    pipeline.shutdown()
+    failure = pipeline.take_failure()
+    if failure is not None:
+        log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
+    try:
+        current_client().transport.delete_json(f"/objects/{object_id}", retry=CLOSE_RETRY)
+    except Exception as exc:
+        # The server may have reaped it already, or be gone; nothing is left to release here.
+        log.info("twinkle: closing %s: %s", pipeline.label, exc)
 
 
 def ref_of(value: Any) -> str | None:
@@ -369,7 +394,11 @@ class RemoteObject:
         self._twinkle_object_id = info.object_id
         label = f"{type(self).__name__} {info.object_id}"
         self._twinkle_pipeline = Pipeline(label, info.object_id)
-        self._twinkle_finalizer = weakref.finalize(self, self._twinkle_pipeline.shutdown)
+        # Dropped without close() (e.g. `model = ...` run again): free the server object too,
+        # or its adapter slot stays taken until the server's idle timeout.
+        self._twinkle_finalizer = weakref.finalize(self, _release_later, self._twinkle_pipeline, info.object_id)
+        # At exit _drain_at_exit closes live objects itself, after draining their queues.
+        self._twinkle_finalizer.atexit = False
         _LIVE_OBJECTS.add(self)
 
     @property
@@ -396,19 +425,14 @@ class RemoteObject:
 
         A deferred call's failure that was never read is logged, not raised.
         """
+        self._twinkle_close(None)
+
+    def _twinkle_close(self, timeout: float | None) -> None:
         pipeline = getattr(self, "_twinkle_pipeline", None)
         if pipeline is None or self._twinkle_finalizer.detach() is None:
             return
-        pipeline.join()
-        pipeline.shutdown()
-        failure = pipeline.take_failure()
-        if failure is not None:
-            log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
-        try:
-            current_client().transport.delete_json(f"/objects/{self.object_id}", retry=CLOSE_RETRY)
-        except TwinkleError as exc:
-            # The server may have reaped it already, or be gone; nothing is left to release here.
-            log.info("twinkle: closing %s: %s", pipeline.label, exc)
+        pipeline.join(timeout)
+        _release(pipeline, self.object_id)
 
     def __repr__(self) -> str:
         oid = getattr(self, "_twinkle_object_id", None)

@@ -223,14 +223,15 @@ class Transport:
                     if response.is_success:
                         return response
                     raise self._error(response)
+                typed = self._typed_error(response)
+                if typed is not None and typed.code != TransportError.code:
+                    # The twinkle server itself answered (e.g. a hub it asked failed): a definite
+                    # outcome, not a proxy or a restart in between, so sending it again won't help.
+                    raise typed
                 reason = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
             delay = policy.delay(attempt)
             elapsed = time.monotonic() - start
             if elapsed + delay > policy.total_s:
-                if response is not None:
-                    typed = self._typed_error(response)
-                    if typed is not None and typed.code != TransportError.code:
-                        raise typed
                 raise TransportError(
                     f"cannot reach twinkle server at {self.base_url}: {reason} "
                     f"(gave up after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.0f} s)"

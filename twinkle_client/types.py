@@ -180,7 +180,7 @@ class MetricPoint(_Model):
 
     step: int
     micro_step: int
-    loss: float
+    loss: float | None
     num_tokens: int
     grad_norm: float | None = None
     lr: float | None = None

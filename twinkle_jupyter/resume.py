@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
+from twinkle_client.client import newest_checkpoint
 
 from .connection import current_client
 
@@ -124,11 +125,11 @@ def _runs_of(model: Any) -> list[str]:
 
 def choose_checkpoint(checkpoints: list[Any], checkpoint: str | None, run_id: str) -> Any:
     """The checkpoint named ``checkpoint`` (id, ``weights/<id>`` or ``twinkle://`` path), or the
-    newest for ``None``/``'latest'``."""
+    most recently saved for ``None``/``'latest'`` (as ``get_latest_checkpoint_path``)."""
     if not checkpoints:
         raise NotFoundError(f"run {run_id} has no checkpoints yet: save one with model.save(name, save_optimizer=True)")
     if checkpoint in (None, "", "latest"):
-        return max(checkpoints, key=lambda c: (c.step, c.time))
+        return newest_checkpoint(checkpoints)
     wanted = str(checkpoint)
     if wanted.startswith("weights/"):
         wanted = wanted[len("weights/"):]

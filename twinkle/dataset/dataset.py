@@ -367,6 +367,7 @@ def load_dataset(meta: DatasetMeta) -> datasets.Dataset:
     elif scheme == "local":
         ds = _load_local(meta, Path(rest))
     elif scheme == "hf":
+        hub.check_hub_repo_id("hf", rest)
         ds = _load_hf(meta, rest)
     else:
         folder = Path(hub.snapshot_download("ms", rest, repo_type="dataset"))

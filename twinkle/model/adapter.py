@@ -49,6 +49,11 @@ class AdapterState:
     last_grad_norm: float | None = None
 
     @property
+    def loss_ignore_index(self) -> int:
+        """The label value the loss skips (-100 unless the loss says otherwise)."""
+        return int(getattr(self.loss, "ignore_index", -100))
+
+    @property
     def window_complete(self) -> bool:
         return self.micro_in_window >= self.gradient_accumulation_steps
 

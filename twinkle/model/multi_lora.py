@@ -162,10 +162,12 @@ class MultiLoraTransformersModel:
         if isinstance(config, dict):
             try:
                 config = LoraConfig(**config)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise InvalidArgumentError(f"bad LoRA config: {exc}") from None
         if not isinstance(config, LoraConfig):
             raise InvalidArgumentError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+        if isinstance(config.r, bool) or not isinstance(config.r, int):
+            raise InvalidArgumentError(f"LoRA rank r must be an integer, got {config.r!r}")
         if config.r > self.max_r:
             raise InvalidArgumentError(f"LoRA rank r={config.r} is above this model's max_r={self.max_r}")
         if config.r < 1:
@@ -262,6 +264,14 @@ class MultiLoraTransformersModel:
         top = int(batch["input_ids"].max())
         if top >= self.vocab_size:
             raise InvalidArgumentError(f"input_ids contain token id {top}, outside the vocabulary of {self.vocab_size}")
+        # Checked here, on the CPU: on CUDA an out-of-range target is a device-side assert that
+        # breaks the device for every adapter on it.
+        labels = batch["labels"]
+        bad = labels[(labels != state.loss_ignore_index) & ((labels < 0) | (labels >= self.vocab_size))]
+        if bad.numel():
+            raise InvalidArgumentError(
+                f"labels contain {int(bad[0])}, outside the vocabulary of {self.vocab_size} (use -100 to ignore a token)"
+            )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _pad_token_id(self, state: AdapterState) -> int:
@@ -281,11 +291,24 @@ class MultiLoraTransformersModel:
             batch = self._collate(state, inputs)
             model = self._activate(state)
             model.train()
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            value = state.loss(out.logits, batch["labels"])
-            if value.num_tokens == 0:
-                raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
-            value.total.backward()
+            try:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                value = state.loss(out.logits, batch["labels"])
+                if value.num_tokens == 0:
+                    raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
+                value.total.backward()
+            except torch.OutOfMemoryError:
+                self._reset_window(state)
+                raise CapacityError(
+                    "the batch does not fit in device memory; use a smaller batch or max_length "
+                    "(the current accumulation window was reset)"
+                ) from None
+            except InvalidArgumentError:
+                raise
+            except Exception:
+                # A backward that failed half way may have added to some gradients only.
+                self._reset_window(state)
+                raise
             step_before = state.cur_step
             state.micro_step += 1
             state.micro_in_window += 1
@@ -320,6 +343,15 @@ class MultiLoraTransformersModel:
                 num_tokens=value.num_tokens,
                 logits=out.logits.detach().float().cpu() if return_logits else None,
             )
+
+    def _reset_window(self, state: AdapterState) -> None:
+        for param in self._params(state):
+            param.grad = None
+        state.micro_in_window = 0
+        state.tokens_in_window = 0
+        state.grads_normalized = False
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _normalize_grads(self, state: AdapterState) -> None:
         if state.grads_normalized:
