@@ -252,6 +252,17 @@ def test_connect_asks_for_the_key_without_echoing_it(
     assert "tk_secret_typed" not in "\n".join(str(h) for h in ip.history_manager.input_hist_raw)
 
 
+def test_a_failed_connect_keeps_the_working_connection(ip: InteractiveShell, server, add_user, capsys) -> None:
+    from twinkle_client import current_client, init_twinkle_client
+
+    key = add_user(server.data_dir, "connects")
+    working = init_twinkle_client(base_url=server.url, api_key=key)
+    ip.run_line_magic("load_ext", EXT)
+    result = ip.run_cell(f"%twinkle connect {server.url}")  # the env key is a wrong one
+    assert result.success and "invalid API key" in capsys.readouterr().err
+    assert current_client() is working and working.get_server_info().user == "connects"
+
+
 def test_resume_refuses_a_model_of_another_base_model() -> None:
     from types import SimpleNamespace
 

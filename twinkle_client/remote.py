@@ -420,6 +420,11 @@ class RemoteObject:
         """Wait until every call made so far has run on the server; raise a failure among them."""
         self._twinkle_pipeline.flush(timeout)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every call made so far has run on the server, without raising: a failure
+        stays pending for the next call or read. True if that happened within ``timeout``."""
+        return self._twinkle_pipeline.join(timeout)
+
     def close(self) -> None:
         """Send what is queued, stop the sender thread and delete the server object. Idempotent.
 

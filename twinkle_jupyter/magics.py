@@ -149,10 +149,13 @@ class TwinkleMagics(Magics):
         if not key:
             # getpass: typed hidden, never echoed, never part of the cell or its output.
             key = getpass.getpass("twinkle API key: ")
-        from twinkle_client import init_twinkle_client
+        from twinkle_client import TwinkleClient, init_twinkle_client
 
+        # Check the new URL and key before replacing a connection that works.
+        with TwinkleClient(base_url=url, api_key=key or None) as probe:
+            self._reachable(probe)
+            probe.get_server_info()
         client = init_twinkle_client(base_url=url, api_key=key or None)
-        self._reachable(client)
         info = client.get_server_info()
         print(
             f"twinkle: connected to {client.base_url} as {info.user} "

@@ -247,12 +247,11 @@ class TwinkleSession:
     def _drain(self, models: list[Any]) -> bool:
         """Wait until the models' queued calls ran on the server; False if Ctrl-C cut it short."""
         for model in models:
-            pipeline = getattr(model, "_twinkle_pipeline", None)
-            join = getattr(pipeline, "join", None)
-            if not callable(join):
+            wait = getattr(model, "wait", None)
+            if not callable(wait):
                 continue
             try:
-                while not join(DRAIN_POLL_S):
+                while not wait(DRAIN_POLL_S):
                     if self._interrupt_pending:
                         self._interrupt_pending = False
                         return False
