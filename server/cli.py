@@ -230,7 +230,8 @@ def _build_context(settings: Settings) -> Any:
     if any(counts.values()):
         log.info(
             "reconciled the data directory: %(dropped)d checkpoint rows without folders dropped, "
-            "%(added)d folders recorded, %(removed_tmp)d unfinished saves removed, %(detached)d runs detached",
+            "%(added)d folders recorded, %(restored)d interrupted overwrites undone, "
+            "%(removed_tmp)d unfinished saves and deletions removed, %(detached)d runs detached",
             counts,
         )
     try:

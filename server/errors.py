@@ -16,6 +16,7 @@ STATUS_BY_CODE = {
     "twinkle_error": 400,
     "unauthenticated": 401,
     "not_found": 404,
+    "payload_too_large": 413,
     "unsupported_media_type": 415,
     "capacity": 409,
     "invalid_state": 409,

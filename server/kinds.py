@@ -21,7 +21,7 @@ from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
 from twinkle.hub import canonical_model_id
 from twinkle.model import MultiLoraTransformersModel
 
-from .policy import check_remote_id
+from .policy import REMOTE_SCHEMES, check_dataset_id, check_remote_id, is_hub_name
 from .runs import MODEL_METHODS
 from .settings import Settings
 
@@ -63,7 +63,7 @@ def _meta(value: Any) -> Any:
 
 def _check_meta(value: Any, settings: Settings) -> None:
     dataset_id = value.dataset_id if isinstance(value, DatasetMeta) else value
-    check_remote_id(dataset_id, "dataset", allow_local=settings.allow_local_data)
+    check_dataset_id(dataset_id, allow_local=settings.allow_local_data)
 
 
 # ----------------------------------------------------------------------------- creation
@@ -82,7 +82,8 @@ def create_dataloader(args: list[Any], kwargs: dict[str, Any]) -> LoaderHandle:
 
 
 def check_model_kwargs(
-    model: MultiLoraTransformersModel, served_dtype: str, args: list[Any], kwargs: dict[str, Any]
+    model: MultiLoraTransformersModel, served_dtype: str, args: list[Any], kwargs: dict[str, Any],
+    *, allow_local: bool = False,
 ) -> None:
     """A remote model is a view of the served one: refuse arguments that ask for something else.
 
@@ -94,12 +95,8 @@ def check_model_kwargs(
     a = bound.arguments
     if "model_id" in a:
         given = a["model_id"]
-        try:
-            same = isinstance(given, str) and canonical_model_id(given) == model.model_id
-            shown = canonical_model_id(given) if isinstance(given, str) else repr(given)
-        except NotFoundError:
-            same, shown = False, str(given)
-        if not same:
+        shown = _model_id_as_named(given, model.model_id, allow_local)
+        if shown != model.model_id:
             raise InvalidArgumentError(f"this server serves {model.model_id}, not {shown[:200]}")
     served = {"max_loras": model.max_loras, "max_r": model.max_r, "device": str(model.device), "dtype": served_dtype}
     for name in SERVER_SETTINGS:
@@ -109,6 +106,24 @@ def check_model_kwargs(
             raise InvalidArgumentError(
                 f"{name} is a server setting: this server runs with {name}={served[name]!r} (leave it out)"
             )
+
+
+def _model_id_as_named(given: Any, served: str, allow_local: bool) -> str:
+    """The canonical spelling of a client's ``model_id``, found without looking at the server's
+    files unless ``allow_local``: the policy check comes first, so that the answer never tells
+    whether a path exists here. A bare ``org/name`` means ``ms://org/name``, as in the library."""
+    if not isinstance(given, str):
+        return repr(given)
+    if given == served:
+        return served
+    if not allow_local:
+        if not given.startswith(REMOTE_SCHEMES) and is_hub_name(given):
+            return f"ms://{given}"
+        check_remote_id(given, "model_id", allow_local=False)
+    try:
+        return canonical_model_id(given)
+    except NotFoundError:
+        return given
 
 
 def _same_setting(name: str, value: Any, model: MultiLoraTransformersModel, served_dtype: str) -> bool:

@@ -26,6 +26,14 @@ log = logging.getLogger("twinkle_server.objects")
 RESULTS_KEPT = 256
 
 
+def gone_message(object_id: object) -> str:
+    """What a call on an object the server does not hold is told: how to get going again."""
+    return (
+        f"no object {str(object_id)[:100]!r}: it expired or the server restarted; create it again "
+        "(models: then resume from a twinkle:// checkpoint)"
+    )
+
+
 def new_object_id() -> str:
     return f"obj-{secrets.token_hex(8)}"
 
@@ -100,7 +108,7 @@ class ObjectRegistry:
     def _get(self, user_id: int, object_id: str) -> RemoteObject:
         obj = self._objects.get(object_id)
         if obj is None or obj.user_id != user_id:
-            raise NotFoundError(f"no object {str(object_id)[:100]!r} (it may have expired)")
+            raise NotFoundError(gone_message(object_id))
         return obj
 
     def acquire(self, user_id: int, object_id: str) -> RemoteObject:

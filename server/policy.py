@@ -2,23 +2,64 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError
 
 REMOTE_SCHEMES = ("builtin://", "ms://", "hf://")
+HUB_SCHEMES = ("ms://", "hf://")
+_HUB_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_HUB_NAME = re.compile(f"{_HUB_PART}/{_HUB_PART}")
+"""``org/name``: letters, digits, ``_``, ``-``, ``.``; exactly one slash; each part starts with a letter or digit."""
+
+
+def is_hub_name(value: str) -> bool:
+    """True for an ``org/name`` hub repository id (without a scheme) that can name no server file
+    by itself: one slash, no leading ``/`` or ``.``, no ``..``."""
+    return bool(_HUB_NAME.fullmatch(value)) and ".." not in value
+
+
+def check_hub_id(value: str, what: str) -> None:
+    """Refuse an ``ms://``/``hf://`` id whose repository part is not ``org/name`` (``hf:///tmp/x``
+    or ``hf://twinkle_data/runs/..`` would make the hub libraries read the server's files)."""
+    for scheme in HUB_SCHEMES:
+        if value.startswith(scheme):
+            if not is_hub_name(value[len(scheme):]):
+                raise InvalidArgumentError(
+                    f"{what} {value[:200]!r} is not a hub id: write {scheme}org/name (letters, digits, '_', '-', '.')"
+                )
+            return
 
 
 def check_remote_id(value: Any, what: str, *, allow_local: bool) -> None:
     """Refuse an id that would make the server read its own files (a path, or a bare name that
-    could be one) unless the operator allowed it with ``--allow-local-data``.
+    could be one) unless the operator allowed it with ``--allow-local-data``, and a malformed
+    ``ms://``/``hf://`` id always.
 
     Non-strings pass: the library reports its own type errors.
     """
-    if not isinstance(value, str) or allow_local or value.startswith(REMOTE_SCHEMES):
+    if not isinstance(value, str):
+        return
+    check_hub_id(value, what)
+    if allow_local or value.startswith(REMOTE_SCHEMES):
         return
     hint = f" (write ms://{value} for a ModelScope id)" if value.count("/") == 1 and "://" not in value else ""
     raise InvalidArgumentError(
         f"{what} {value[:200]!r} is not a builtin://, ms:// or hf:// id; this server does not read its "
         f"local files{hint}"
     )
+
+
+def check_dataset_id(value: Any, *, allow_local: bool) -> None:
+    """``check_remote_id`` for a dataset, plus: an ``hf://org/name`` that is also a path relative
+    to the server's working folder is refused (``datasets.load_dataset`` would read that folder)."""
+    check_remote_id(value, "dataset", allow_local=allow_local)
+    if allow_local or not isinstance(value, str) or not value.startswith("hf://"):
+        return
+    if os.path.lexists(value[len("hf://"):]):
+        raise InvalidArgumentError(
+            f"dataset {value[:200]!r} cannot be loaded by this server: the Hugging Face loader would read "
+            "a local folder of the same name"
+        )

@@ -46,6 +46,10 @@ _ERRORS = {
     404: {"description": "no such object (or not yours)"},
 }
 MAX_IDEMPOTENCY_KEY = 200
+_KEY_REUSED = "this Idempotency-Key was already used for a different request"
+MAX_CALLS_PER_BATCH = 64
+"""Calls one request may carry: a retried batch must find every result it needs among the
+``RESULTS_KEPT`` an object keeps (the client sends at most this many, too)."""
 
 
 def _request_id(request: Request) -> str | None:
@@ -59,7 +63,8 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise RequestValidationError(exc.errors()) from None
 
 
-def _pending(request: Request) -> dict[tuple[int, str], asyncio.Future[ObjectInfo]]:
+def _pending(request: Request) -> dict[tuple[int, str], tuple[str, asyncio.Future[ObjectInfo]]]:
+    """Creations in progress under an Idempotency-Key: (user id, key) -> (body fingerprint, outcome)."""
     state = request.app.state
     if not hasattr(state, "pending_creations"):
         state.pending_creations = {}
@@ -84,13 +89,17 @@ async def create_object(request: Request, user: CurrentUser,
     existing = ctx.objects.by_idempotency_key(user.id, key)
     if existing is not None:
         if existing.fingerprint != fingerprint:
-            raise InvalidArgumentError("this Idempotency-Key was already used for a different request")
+            raise InvalidArgumentError(_KEY_REUSED)
         return respond(request, existing.info())
     if slot in pending:
-        # The first request with this key is still creating the object: share its outcome.
-        return respond(request, await asyncio.shield(pending[slot]))
+        # The first request with this key is still creating the object: share its outcome,
+        # if this is the same request.
+        first_fingerprint, first = pending[slot]
+        if first_fingerprint != fingerprint:
+            raise InvalidArgumentError(_KEY_REUSED)
+        return respond(request, await asyncio.shield(first))
     future: asyncio.Future[ObjectInfo] = asyncio.get_running_loop().create_future()
-    pending[slot] = future
+    pending[slot] = (fingerprint, future)
     try:
         info = await _create(ctx, user, req, key, fingerprint)
     except asyncio.CancelledError:
@@ -119,7 +128,7 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
         args = codec.from_wire(req.args, resolve)
         kwargs = codec.from_wire(req.kwargs, resolve)
         if req.kind == "model":
-            check_model_kwargs(ctx.model, ctx.dtype, args, kwargs)
+            check_model_kwargs(ctx.model, ctx.dtype, args, kwargs, allow_local=ctx.settings.allow_local_data)
             return ModelHandle(ctx.book, user, object_id)
         if req.kind == "dataset":
             return create_dataset(ctx.settings, args, kwargs)
@@ -140,6 +149,11 @@ async def call_object(object_id: str, request: Request, user: CurrentUser,
     """Run calls in order; stop at the first failure. Per-call errors keep the status 200."""
     data = await read_body(request)
     batch: CallBatch = _validate(CallBatch, data)
+    if len(batch.calls) > MAX_CALLS_PER_BATCH:
+        raise InvalidArgumentError(
+            f"a request may carry at most {MAX_CALLS_PER_BATCH} calls, got {len(batch.calls)}; "
+            "send the rest in another request"
+        )
     # Shielded: once started, a batch finishes and records its results even if the client goes away,
     # so that the retry finds them instead of running a call a second time.
     task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, _request_id(request)))
@@ -192,7 +206,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
         args = codec.from_wire(call.args, resolve)
         kwargs = codec.from_wire(call.kwargs, resolve)
         if obj.kind == "model":
-            value = obj.instance.call(method, args, kwargs)
+            value = obj.instance.call(method, args, kwargs, request_id=request_id)
         else:
             value = call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings)
         try:

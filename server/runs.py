@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twinkle import checkpoint as ckpt
 from twinkle.api import api_methods
@@ -35,6 +37,9 @@ from .store import CheckpointRow, Store, User, twinkle_path
 from .uploads import UploadManager
 
 log = logging.getLogger("twinkle_server.runs")
+E = TypeVar("E", bound=TwinkleError)
+LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")
+"""Hidden folders beside checkpoints: an unfinished save, a replaced one, one being deleted."""
 
 _RUN_ID = re.compile(r"run-[0-9a-f]{12}")
 _CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,127}")
@@ -124,21 +129,35 @@ class RunBook:
         run_id, name = parse_twinkle_path(value)
         row = self.store.checkpoint_row(user_id, run_id, name)
         folder = self.checkpoint_dir(run_id, name)
-        if row is None or not (folder / ckpt.META_FILE).is_file():
+        if row is None or not is_complete(folder):
             raise NotFoundError(f"no checkpoint {twinkle_path(run_id, name)}")
         return row, folder
+
+    def check_not_uploading(self, run_id: str, name: str) -> None:
+        """Refuse to delete or replace a checkpoint folder an upload is reading."""
+        path = twinkle_path(run_id, name)
+        if self.uploads.busy(path):
+            raise StateError(f"checkpoint {path} is being uploaded; try again when the upload ends")
 
     def record_checkpoint(self, run_id: str, name: str, folder: Path) -> None:
         """Insert (or replace) the row of a checkpoint folder that is complete on disk."""
         record_checkpoint(self.store, run_id, name, folder, ckpt.CheckpointMeta.read(folder))
 
     def delete_checkpoint(self, user_id: int, run_id: str, name: str) -> str:
-        """Remove a checkpoint's folder, then its row (run on the device worker, so no save races it)."""
+        """Delete a checkpoint (on the device worker, so no save races it), crash-safe at every point:
+        the folder is first renamed to a hidden ``.del-*`` one (atomic: the checkpoint is gone
+        for readers), then the row goes, then the folder's files (``reconcile`` finishes that
+        after a crash)."""
         self.store.get_checkpoint(user_id, run_id, name)
+        self.check_not_uploading(run_id, name)
         folder = self.checkpoint_dir(run_id, name)
+        trash: Path | None = None
         if folder.exists():
-            shutil.rmtree(folder)
+            trash = folder.with_name(f".del-{name}-{secrets.token_hex(4)}")
+            os.rename(folder, trash)
         self.store.delete_checkpoint(run_id, name)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         return twinkle_path(run_id, name)
 
     def remove_run_dir(self, run_id: str) -> None:
@@ -161,45 +180,119 @@ def record_checkpoint(store: Store, run_id: str, name: str, folder: Path, meta: 
     )
 
 
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a whole twinkle checkpoint: its metadata, the adapter files
+    (``check_checkpoint_dir``) and, if the metadata says it has one, the training state.
+    The metadata file alone proves nothing once a deletion or a crash has removed files."""
+    if not (folder / ckpt.META_FILE).is_file():
+        return False
+    try:
+        meta = ckpt.CheckpointMeta.read(folder)
+        ckpt.check_checkpoint_dir(folder, need_training_state=bool(meta.has_training_state))
+    except CheckpointError:
+        return False
+    return True
+
+
+def _replaced_is_complete(old: Path) -> bool:
+    """``is_complete`` for a hidden ``.old-*`` folder (which ``check_checkpoint_dir`` refuses by
+    its name alone): the same files must be there."""
+    try:
+        meta = ckpt.CheckpointMeta.read(old)
+    except CheckpointError:
+        return False
+    needed = [ckpt.ADAPTER_CONFIG, ckpt.ADAPTER_WEIGHTS] + ([ckpt.TRAINING_STATE] if meta.has_training_state else [])
+    return all((old / name).is_file() for name in needed)
+
+
+_OLD_FOLDER = re.compile(r"\.old-(.+)-\d+")
+
+
+def _restore_replaced(weights: Path) -> list[str]:
+    """Undo a save that crashed between ``atomic_directory``'s two renames: where checkpoint
+    ``X`` is missing but a complete ``.old-X-<pid>`` exists, rename it back to ``X``.
+
+    Returns the names restored.
+    """
+    restored: list[str] = []
+    candidates: dict[str, list[Path]] = {}
+    for folder in weights.iterdir():
+        match = _OLD_FOLDER.fullmatch(folder.name)
+        if match and folder.is_dir() and _CHECKPOINT_NAME.fullmatch(match.group(1)):
+            candidates.setdefault(match.group(1), []).append(folder)
+    for name, olds in sorted(candidates.items()):
+        target = weights / name
+        if target.exists() or target.is_symlink():
+            continue
+        complete = [old for old in olds if _replaced_is_complete(old)]
+        if not complete:
+            continue
+        newest = max(complete, key=lambda p: p.stat().st_mtime)
+        os.rename(newest, target)
+        restored.append(name)
+        log.warning("restored checkpoint %s from %s (a save replacing it was interrupted)", target, newest.name)
+    return restored
+
+
 def reconcile(store: Store, settings: Settings) -> dict[str, int]:
     """Make the database and the checkpoint folders agree after a stop or a crash.
 
-    Rows whose folder is gone are dropped; complete folders without a row (a crash between
-    the atomic rename and the insert) are added from their metadata; unfinished ``.tmp-*``
-    and ``.old-*`` folders are deleted; runs left ``active`` become ``detached``.
+    First a checkpoint whose replacement crashed half-way is restored from its ``.old-*``
+    folder (and recorded). Then rows whose folder is gone or incomplete are dropped; complete
+    folders without a row (a crash between the atomic rename and the insert) are added from
+    their metadata; leftover ``.tmp-*``, ``.old-*`` and ``.del-*`` folders are deleted; runs
+    left ``active`` become ``detached``.
     """
-    counts = {"detached": store.detach_all_runs(), "dropped": 0, "added": 0, "removed_tmp": 0}
+    counts = {"detached": store.detach_all_runs(), "dropped": 0, "added": 0, "removed_tmp": 0, "restored": 0}
+    runs = store.run_ids()
+    weight_dirs = (
+        [run_dir / "weights" for run_dir in sorted(settings.runs_dir.iterdir()) if (run_dir / "weights").is_dir()]
+        if settings.runs_dir.is_dir() else []
+    )
+    for weights in weight_dirs:
+        run_id = weights.parent.name
+        for name in _restore_replaced(weights):
+            counts["restored"] += 1
+            if run_id in runs:
+                folder = weights / name
+                record_checkpoint(store, run_id, name, folder, ckpt.CheckpointMeta.read(folder))
     for run_id, name in store.all_checkpoints():
-        if not (settings.run_weights_dir(run_id) / name / ckpt.META_FILE).is_file():
+        if not is_complete(settings.run_weights_dir(run_id) / name):
             store.delete_checkpoint(run_id, name)
             counts["dropped"] += 1
     known = set(store.all_checkpoints())
-    runs = store.run_ids()
-    if settings.runs_dir.is_dir():
-        for run_dir in sorted(settings.runs_dir.iterdir()):
-            weights = run_dir / "weights"
-            if not weights.is_dir():
-                continue
-            for folder in sorted(weights.iterdir()):
-                if folder.name.startswith((".tmp-", ".old-")):
+    for weights in weight_dirs:
+        run_id = weights.parent.name
+        for folder in sorted(weights.iterdir()):
+            if folder.name.startswith(LEFTOVER_PREFIXES):
+                if folder.is_dir() and not folder.is_symlink():
                     shutil.rmtree(folder, ignore_errors=True)
-                    counts["removed_tmp"] += 1
-                    continue
-                if not folder.is_dir() or (run_dir.name, folder.name) in known:
-                    continue
-                if run_dir.name not in runs:
-                    log.warning("checkpoint folder %s belongs to no known run; left alone", folder)
-                    continue
-                if not (folder / ckpt.META_FILE).is_file():
-                    continue
-                try:
-                    meta = ckpt.CheckpointMeta.read(folder)
-                except CheckpointError as exc:
-                    log.warning("skipping checkpoint folder %s: %s", folder, exc)
-                    continue
-                record_checkpoint(store, run_dir.name, folder.name, folder, meta)
-                counts["added"] += 1
+                else:
+                    folder.unlink(missing_ok=True)
+                counts["removed_tmp"] += 1
+                continue
+            if not folder.is_dir() or (run_id, folder.name) in known:
+                continue
+            if run_id not in runs:
+                log.warning("checkpoint folder %s belongs to no known run; left alone", folder)
+                continue
+            if not is_complete(folder):
+                continue
+            try:
+                meta = ckpt.CheckpointMeta.read(folder)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint folder %s: %s", folder, exc)
+                continue
+            record_checkpoint(store, run_id, folder.name, folder, meta)
+            counts["added"] += 1
     return counts
+
+
+def _hide_folder(err: E, folder: Path, path: str) -> E:
+    """``err`` with the checkpoint's server folder replaced by its ``twinkle://`` path (same class)."""
+    if str(folder) not in err.message:
+        return err
+    return type(err)(err.message.replace(str(folder), path))
 
 
 class ModelHandle:
@@ -215,6 +308,8 @@ class ModelHandle:
         self.user = user
         self.object_id = object_id
         self.links: dict[str, AdapterLink] = {}
+        self.request_id: str | None = None
+        """The request of the call running now, for the log."""
 
     @property
     def model(self) -> MultiLoraTransformersModel:
@@ -226,8 +321,9 @@ class ModelHandle:
 
     # ------------------------------------------------------------------ dispatch
 
-    def call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    def call(self, method: str, args: list[Any], kwargs: dict[str, Any], *, request_id: str | None = None) -> Any:
         """Run one remote call (already known to be an API method) and record its effects."""
+        self.request_id = request_id
         sig = MODEL_METHODS[method]
         try:
             bound = sig.bind(None, *args, **kwargs)  # None stands for self
@@ -254,8 +350,20 @@ class ModelHandle:
                 raise type(err)(err.message.replace(link.base_name, link.name)) from None
             raise
         if self.links.get(link.name) is link:
-            self._sync(link)
+            self._record(f"the progress of run {link.run_id}", self._sync, link)
         return result
+
+    def _record(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Bookkeeping after a library call that ran (metric rows, run progress, component
+        records): a failure here is logged under the request id and otherwise swallowed, so
+        that a call that ran is never reported as failed (its retry would run it twice)."""
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception(
+                "request %s: %s: recording %s failed; the call ran and its result is returned",
+                self.request_id, self.object_id, what,
+            )
 
     def _invoke(self, method: str, bound: inspect.BoundArguments) -> Any:
         return getattr(self.model, method)(*bound.args[1:], **bound.kwargs)
@@ -324,7 +432,7 @@ class ModelHandle:
         link = self.links[name] = AdapterLink(name, base_name, run_id)
         self.book.hold(run_id, self.object_id)
         log.info("user %s: adapter %r of %s trains run %s", self.user.name, name, self.object_id, run_id)
-        self._sync(link)
+        self._record(f"the progress of run {run_id}", self._sync, link)
         return {"training_run_id": run_id}
 
     def _do_remove_adapter(self, link: AdapterLink, bound: inspect.BoundArguments) -> None:
@@ -334,7 +442,7 @@ class ModelHandle:
     def _detach(self, link: AdapterLink) -> None:
         self.links.pop(link.name, None)
         self.book.release(link.run_id)
-        self.store.set_run_status(link.run_id, "detached")
+        self._record(f"run {link.run_id} as detached", self.store.set_run_status, link.run_id, "detached")
 
     def close(self) -> None:
         """Remove this object's adapters from the base model and detach their runs."""
@@ -355,20 +463,24 @@ class ModelHandle:
             check_remote_id(extra["model_id"], "template model_id", allow_local=self.book.settings.allow_local_data)
         self._invoke(method, bound)
         name = a.get(param, bound.signature.parameters[param].default)
-        self.store.set_component(link.run_id, kind, {"name": name, "kwargs": _plain(extra)})
+        self._record(f"the {kind} of run {link.run_id}", self.store.set_component, link.run_id, kind,
+                     {"name": name, "kwargs": _plain(extra)})
         if method == "set_optimizer":
             # The library drops the scheduler with a new optimizer; the record follows.
-            self.store.set_component(link.run_id, "lr_scheduler", None)
+            self._record(f"the lr_scheduler of run {link.run_id}", self.store.set_component, link.run_id,
+                         "lr_scheduler", None)
 
     # ------------------------------------------------------------------ training
 
     def _do_forward_backward(self, link: AdapterLink, bound: inspect.BoundArguments) -> Any:
         out = self._invoke("forward_backward", bound)
-        self.store.add_metric_point(
+        self._record(
+            f"a metric point of run {link.run_id}",
+            self.store.add_metric_point,
             link.run_id,
             step=out.step + 1,
             micro_step=out.micro_step,
-            loss=float(out.loss),
+            loss=None if out.loss is None else float(out.loss),
             num_tokens=int(out.num_tokens),
             time_=time.time(),
         )
@@ -384,8 +496,12 @@ class ModelHandle:
         lr = self._state(link)["lr"]  # the LR the update uses (lr_step comes after)
         stepped = self._invoke("step", bound)
         if stepped:
-            self.store.complete_step(link.run_id, self._state(link)["cur_step"], grad_norm=link.grad_norm, lr=lr)
-            link.grad_norm = None
+            grad_norm, link.grad_norm = link.grad_norm, None
+
+            def complete() -> None:
+                self.store.complete_step(link.run_id, self._state(link)["cur_step"], grad_norm=grad_norm, lr=lr)
+
+            self._record(f"the step of run {link.run_id}", complete)
         return stepped
 
     def _do_clip_grad_and_step(self, link: AdapterLink, bound: inspect.BoundArguments) -> float | None:
@@ -393,10 +509,12 @@ class ModelHandle:
         norm = self._invoke("clip_grad_and_step", bound)
         after = self._state(link)["cur_step"]
         if after > before["cur_step"]:
-            self.store.complete_step(
-                link.run_id, after, grad_norm=None if norm is None else float(norm), lr=before["lr"]
-            )
             link.grad_norm = None
+            self._record(
+                f"the step of run {link.run_id}",
+                self.store.complete_step,
+                link.run_id, after, grad_norm=None if norm is None else float(norm), lr=before["lr"],
+            )
         return norm
 
     # --------------------------------------------------------------- checkpoints
@@ -408,6 +526,8 @@ class ModelHandle:
                 "save_dir is chosen by the server; save(name) returns the checkpoint's twinkle:// path"
             )
         name = a["name"]
+        if isinstance(name, str) and _CHECKPOINT_NAME.fullmatch(name):
+            self.book.check_not_uploading(link.run_id, name)
         a["save_dir"] = str(self.book.settings.run_weights_dir(link.run_id))
         folder = Path(self._invoke("save", bound))
         # Only now, after the library's atomic rename, does the checkpoint exist for clients.
@@ -416,12 +536,18 @@ class ModelHandle:
 
     def _do_load(self, link: AdapterLink, bound: inspect.BoundArguments) -> None:
         a = bound.arguments
-        _, folder = self.book.resolve(self.user.id, a["name"])
+        row, folder = self.book.resolve(self.user.id, a["name"])
         a["name"] = str(folder)
-        self._invoke("load", bound)
+        try:
+            self._invoke("load", bound)
+        except TwinkleError as err:
+            raise _hide_folder(err, folder, twinkle_path(row.run_id, row.name)) from None
         if a.get("load_optimizer"):
             # The counters went back to the checkpoint's: later points of this run are history.
-            self.store.supersede_after(link.run_id, self._state(link)["cur_step"])
+            self._record(
+                f"superseded points of run {link.run_id}",
+                lambda: self.store.supersede_after(link.run_id, self._state(link)["cur_step"]),
+            )
 
     def _do_resume_from_checkpoint(self, link: AdapterLink, bound: inspect.BoundArguments) -> dict[str, Any]:
         a = bound.arguments
@@ -434,22 +560,31 @@ class ModelHandle:
                 "(or let it expire) before resuming its run elsewhere"
             )
         a["name"] = str(folder)
-        result = self._invoke("resume_from_checkpoint", bound)
+        try:
+            result = self._invoke("resume_from_checkpoint", bound)
+        except TwinkleError as err:
+            raise _hide_folder(err, folder, twinkle_path(row.run_id, row.name)) from None
         old = link.run_id
-        components = self.store.components(old) if old != target else {}
-        self.store.reattach_run(target, after_step=row.step, components=components)
         if old != target:
             self.book.release(old)
-            if self.store.delete_run_if_empty(old):
-                self.book.remove_run_dir(old)
-            else:
-                self.store.set_run_status(old, "detached")
             link.run_id = target
             self.book.hold(target, self.object_id)
             log.info("user %s: adapter %r of %s resumed run %s", self.user.name, link.name, self.object_id, target)
         link.grad_norm = None
+        self._record(f"the resume of run {target}", self._reattach, old, target, row.step)
         # The adapter now trains the checkpoint's run: tell the client (an extra key of the dict).
         return {**result, "training_run_id": target}
+
+    def _reattach(self, old: str, target: str, after_step: int) -> None:
+        """The records of a resume: ``target`` is active again (its later points superseded),
+        with the components of ``old``, which is dropped if empty, else detached."""
+        components = self.store.components(old) if old != target else {}
+        self.store.reattach_run(target, after_step=after_step, components=components)
+        if old != target:
+            if self.store.delete_run_if_empty(old):
+                self.book.remove_run_dir(old)
+            else:
+                self.store.set_run_status(old, "detached")
 
     def _upload_to_hub(self, bound: inspect.BoundArguments) -> dict[str, str]:
         a = bound.arguments

@@ -12,6 +12,7 @@ starts fast.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -73,7 +74,7 @@ MIGRATIONS: list[str] = [
         run_id TEXT NOT NULL REFERENCES training_runs(run_id) ON DELETE CASCADE,
         step INTEGER NOT NULL,
         micro_step INTEGER NOT NULL,
-        loss REAL NOT NULL,
+        loss REAL,
         num_tokens INTEGER NOT NULL,
         grad_norm REAL,
         lr REAL,
@@ -118,6 +119,15 @@ def twinkle_path(run_id: str, name: str) -> str:
 
 def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _finite(value: float | None) -> float | None:
+    """A metric as stored: NaN and infinities become NULL (SQLite would store NaN as NULL
+    anyway, and JSON has no infinity), so a diverged run is recorded instead of failing."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _json(value: Any) -> str:
@@ -309,7 +319,8 @@ class Store:
                 "UPDATE training_runs SET cur_step = ?, consumed_train_samples = ?, last_loss = ?,"
                 " last_request_time = ?,"
                 " gradient_accumulation_steps = COALESCE(?, gradient_accumulation_steps) WHERE run_id = ?",
-                (cur_step, consumed_train_samples, last_loss, time.time(), gradient_accumulation_steps, run_id),
+                (cur_step, consumed_train_samples, _finite(last_loss), time.time(), gradient_accumulation_steps,
+                 run_id),
             )
 
     def set_component(self, run_id: str, kind: str, spec: dict[str, Any] | None) -> None:
@@ -401,7 +412,7 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints (run_id, name, time, size_bytes, step, consumed_train_samples,"
                 " loss, has_optimizer, base_model, lora_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, time_, size_bytes, step, consumed_train_samples, loss, int(has_optimizer),
+                (run_id, name, time_, size_bytes, step, consumed_train_samples, _finite(loss), int(has_optimizer),
                  base_model, lora_rank),
             )
             db.execute("UPDATE training_runs SET last_request_time = ? WHERE run_id = ?", (time.time(), run_id))
@@ -460,13 +471,14 @@ class Store:
     # -------------------------------------------------------------------- metrics
 
     def add_metric_point(
-        self, run_id: str, *, step: int, micro_step: int, loss: float, num_tokens: int, time_: float
+        self, run_id: str, *, step: int, micro_step: int, loss: float | None, num_tokens: int, time_: float
     ) -> None:
+        """One forward_backward's point; a non-finite loss is stored as NULL (``loss=None``)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO metric_points (run_id, step, micro_step, loss, num_tokens, time)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, step, micro_step, loss, num_tokens, time_),
+                (run_id, step, micro_step, _finite(loss), num_tokens, time_),
             )
 
     def complete_step(self, run_id: str, step: int, *, grad_norm: float | None, lr: float | None) -> None:
@@ -475,7 +487,7 @@ class Store:
             db.execute(
                 "UPDATE metric_points SET completed = 1, grad_norm = ?, lr = ?"
                 " WHERE run_id = ? AND step = ? AND superseded = 0 AND completed = 0",
-                (grad_norm, lr, run_id, step),
+                (_finite(grad_norm), _finite(lr), run_id, step),
             )
 
     def metric_points(self, run_id: str, since_step: int) -> list[MetricPoint]:

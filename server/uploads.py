@@ -82,6 +82,14 @@ class UploadManager:
         thread.start()
         return job
 
+    def busy(self, twinkle_path: str) -> bool:
+        """Whether an upload of the checkpoint ``twinkle_path`` is queued or running (its folder
+        must then be neither deleted nor replaced)."""
+        with self._lock:
+            return any(
+                j.twinkle_path == twinkle_path and j.status in ("queued", "running") for j in self._jobs.values()
+            )
+
     def get(self, user_id: int, upload_id: str) -> UploadStatus:
         with self._lock:
             job = self._jobs.get(upload_id)

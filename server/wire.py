@@ -23,14 +23,28 @@ from twinkle_client import codec
 JSON = "application/json"
 MSGPACK = codec.CONTENT_TYPE
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
-MAX_INFLATED_BYTES = 1 << 30
-"""A gzipped body may not inflate beyond this (a small bomb must not take the server's memory)."""
+MAX_BODY_BYTES = 256 << 20
+"""A request body may not be larger than this, as sent or after inflating gzip (a small bomb
+must not take the server's memory)."""
 
 
 class UnsupportedEncodingError(TwinkleError):
     """A ``Content-Encoding`` the server cannot undo (answered 415, as RFC 7694 asks)."""
 
     code = "unsupported_media_type"
+
+
+class PayloadTooLargeError(InvalidArgumentError):
+    """A request body above ``MAX_BODY_BYTES`` (answered 413)."""
+
+    code = "payload_too_large"
+
+
+def _too_large(what: str) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"request body {what} more than {MAX_BODY_BYTES >> 20} MiB, the most this server accepts; "
+        "send the data in smaller requests"
+    )
 
 
 def _media_type(value: str | None) -> str:
@@ -53,7 +67,7 @@ def wants_msgpack(request: Request) -> bool:
 async def read_body(request: Request) -> Any:
     """The decoded body; a malformed one is an ``InvalidArgumentError`` (400)."""
     content_type = _media_type(request.headers.get("content-type"))
-    body = _inflate(await request.body(), request.headers.get("content-encoding"))
+    body = _inflate(await _read_capped(request), request.headers.get("content-encoding"))
     if content_type == JSON:
         try:
             return json.loads(body)
@@ -66,6 +80,22 @@ async def read_body(request: Request) -> Any:
     return codec.unpack(body)
 
 
+async def _read_capped(request: Request) -> bytes:
+    """The raw body, refused (413) as soon as it is known to exceed ``MAX_BODY_BYTES``."""
+    limit = MAX_BODY_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large("is")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large("is")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _inflate(body: bytes, encoding: str | None) -> bytes:
     """Undo ``Content-Encoding: gzip`` (the client compresses large batches)."""
     encoding = (encoding or "").strip().lower()
@@ -73,12 +103,15 @@ def _inflate(body: bytes, encoding: str | None) -> bytes:
         return body
     if encoding not in ("gzip", "x-gzip"):
         raise UnsupportedEncodingError(f"Content-Encoding {encoding} is not supported; send gzip or none")
+    limit = MAX_BODY_BYTES
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        data = inflater.decompress(body, MAX_INFLATED_BYTES)
-        if inflater.unconsumed_tail:
-            raise InvalidArgumentError(f"request body inflates to more than {MAX_INFLATED_BYTES} bytes")
+        data = inflater.decompress(body, limit + 1)
+        if inflater.unconsumed_tail or len(data) > limit:
+            raise _too_large("inflates to")
         data += inflater.flush()
+        if len(data) > limit:
+            raise _too_large("inflates to")
     except zlib.error as exc:
         raise InvalidArgumentError(f"request body is not valid gzip: {exc}") from None
     if not inflater.eof:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import uuid
@@ -122,6 +123,14 @@ def test_bad_object_creation(user) -> None:
     for local in ("/etc/passwd", "./data.jsonl", "swift/self-cognition"):
         r = c.post("/objects", {"kind": "dataset", "args": [local], "kwargs": {}})
         assert "does not read its local files" in http_error(r, 400)["message"]
+    # A path as model_id is refused by policy before anything looks at the disk: existing or not, same answer.
+    for local in ("/etc/passwd", "/etc/no-such-file-here"):
+        r = c.post("/objects", {"kind": "model", "args": [local], "kwargs": {}})
+        assert http_error(r, 400)["message"] == (f"model_id {local!r} is not a builtin://, ms:// or hf:// id; "
+                                                 "this server does not read its local files")
+    for bad in ("hf:///tmp/x", "hf://../../etc", "ms://a/b/c", "hf://.x/y"):
+        r = c.post("/objects", {"kind": "dataset", "args": [bad], "kwargs": {}})
+        assert "is not a hub id" in http_error(r, 400)["message"], bad
     dataset = c.create("dataset", "builtin://self-cognition")
     err = call_error(c, dataset, "set_template", "Template", model_id="/etc")
     assert "local files" in err["message"]
@@ -159,6 +168,24 @@ def test_malformed_requests(user) -> None:
     err = http_error(c.get("/no/such/route"), 404)
     assert err["code"] == "not_found"
     err = http_error(c.http.put("/training_runs"), 405)
+
+
+def test_call_batches_and_bodies_are_capped(user) -> None:
+    c, _ = user
+    dataset = c.create("dataset", "builtin://self-cognition")
+    r = c.calls(dataset, [("__len__", [], {})] * 65)
+    err = http_error(r, 400)
+    assert err["message"] == "a request may carry at most 64 calls, got 65; send the rest in another request"
+    c.seqs[dataset] -= 65
+    r = c.calls(dataset, [("__len__", [], {})] * 64)
+    assert r.status_code == 200 and len(c.body(r)["results"]) == 64
+    # A small gzip body that inflates beyond 256 MiB.
+    bomb = gzip.compress(b"\x00" * ((256 << 20) + 1), compresslevel=1)
+    r = c.http.post(f"/objects/{dataset}/calls", content=bomb,
+                    headers={"Content-Type": codec.CONTENT_TYPE, "Content-Encoding": "gzip"})
+    err = http_error(r, 413)
+    assert err["code"] == "payload_too_large" and "256 MiB" in err["message"]
+    c.delete(f"/objects/{dataset}")
 
 
 def test_unexpected_failure_is_internal_without_traceback(user, server, raw_helpers) -> None:

@@ -61,6 +61,12 @@ def test_restart_keeps_state_and_reconciles(tmp_path: Path, start_server, add_us
     assert raw_client(second, revoked_key).get("/server").status_code == 401
     assert "reconciled" in second.log()
 
+    # The old process's objects are gone; the answer says what to do.
+    r = c2.calls(model, [("get_train_state", [], {})])
+    assert r.status_code == 404 and c2.body(r)["error"]["message"] == (
+        f"no object {model!r}: it expired or the server restarted; create it again "
+        "(models: then resume from a twinkle:// checkpoint)")
+
     # Training continues from the saved checkpoint on the new process.
     model = c2.create("model")
     c2.call(model, "add_adapter_to_model", "default", LoraConfig(r=4, target_modules="all-linear"))

@@ -170,8 +170,10 @@ def test_failure_stops_the_batch(flow) -> None:
 def test_old_results_and_gaps(flow, raw_client) -> None:
     c = flow.client
     seq = c.seqs[flow.dataset]
-    many = {"calls": [{"seq": seq + i, "method": "__len__"} for i in range(1, 301)]}
-    assert all(x["ok"] and x["value"] == 32 for x in c.body(c.post(f"/objects/{flow.dataset}/calls", many))["results"])
+    for start in range(1, 301, 60):  # 300 calls, at most 64 per request
+        many = {"calls": [{"seq": seq + i, "method": "__len__"} for i in range(start, start + 60)]}
+        results = c.body(c.post(f"/objects/{flow.dataset}/calls", many))["results"]
+        assert len(results) == 60 and all(x["ok"] and x["value"] == 32 for x in results)
     # A seq whose result is still kept comes back; one whose result was dropped is refused.
     kept = c.body(c.post(f"/objects/{flow.dataset}/calls", {"calls": [{"seq": seq + 300, "method": "__len__"}]}))
     assert kept["results"][0]["ok"]
@@ -267,6 +269,46 @@ def test_save_replace_and_delete_checkpoint(flow) -> None:
     assert c.delete(f"/training_runs/{flow.run_id}/checkpoints/again").status_code == 404
     r = c.calls(flow.model, [("save", ["x"], {"save_dir": "/tmp"})])
     assert c.body(r)["results"][0]["error"]["code"] == "invalid_argument"
+
+
+def test_checkpoint_errors_name_twinkle_paths_only(flow) -> None:
+    c = flow.client
+    path = c.call(flow.model, "save", "weights-only")
+    for method, kwargs in (("resume_from_checkpoint", {}), ("load", {"load_optimizer": True})):
+        r = c.calls(flow.model, [(method, [path], kwargs)])
+        err = c.body(r)["results"][0]["error"]
+        assert err["code"] == "invalid_checkpoint" and err["message"].startswith(f"{path} has no training state"), err
+        assert str(flow.server.data_dir) not in err["message"] and "/runs/" not in err["message"]
+    assert c.delete(f"/training_runs/{flow.run_id}/checkpoints/weights-only").status_code == 200
+
+
+def test_diverged_training_is_recorded(server, server_user, raw_client, raw_helpers) -> None:
+    """Losses become NaN: every call still succeeds, and the points say so (loss null)."""
+    c = raw_client(server, server_user[1])
+    dataset, loader = raw_helpers.raw_dataloader(c, rows=16, batch_size=4)
+    model = c.create("model")
+    r = c.calls(model, [
+        ("add_adapter_to_model", ["nan", LoraConfig(r=4, target_modules="all-linear")], {}),
+        ("set_processor", ["InputProcessor"], {"padding_side": "right"}),
+        ("set_optimizer", ["SGD"], {"lr": 1e38}),
+    ])
+    results = c.body(r)["results"]
+    assert all(x["ok"] for x in results), results
+    run_id = results[0]["value"]["training_run_id"]
+    losses = raw_helpers.train_steps(c, model, loader, 3)
+    assert losses[0] == losses[0] and all(x != x for x in losses[1:]), losses  # NaN != NaN
+    points = c.get(f"/training_runs/{run_id}/metrics").json()["points"]
+    assert [p["step"] for p in points] == [1, 2, 3] and points[0]["loss"] is not None
+    assert [p["loss"] for p in points[1:]] == [None, None] and all(p["completed"] for p in points)
+    run = c.get(f"/training_runs/{run_id}").json()
+    assert run["cur_step"] == 3 and run["last_loss"] is None
+    path = c.call(model, "save", "diverged")
+    assert c.get(f"/training_runs/{run_id}/checkpoints/diverged").json()["loss"] is None
+    assert c.call(model, "get_train_state")["cur_step"] == 3
+    assert c.delete(f"/training_runs/{run_id}/checkpoints/diverged").status_code == 200
+    assert path.endswith("/diverged")
+    for obj in (model, loader, dataset):
+        c.delete(f"/objects/{obj}")
 
 
 def test_resume_supersedes_and_reattaches(flow) -> None:

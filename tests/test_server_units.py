@@ -1,4 +1,4 @@
-"""twinkle-server internals that need no server process: the fair device worker, the schema."""
+"""twinkle-server internals that need no server process: worker, schema, records, checkpoints, policy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from twinkle_server.store import MIGRATIONS, Store
 from twinkle_server.worker import DeviceWorker, WorkerStopped
+
+from twinkle_client import codec
 
 
 def test_worker_serves_users_round_robin_and_in_order() -> None:
@@ -48,3 +50,346 @@ def test_schema_is_versioned(tmp_path: Path) -> None:
         db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer than this server"):
         Store(tmp_path / "t.db")
+
+
+# ------------------------------------------------------------------ review fixes, without a server
+
+
+def _store_with_run(tmp_path: Path):
+    from twinkle_server.auth import create_user
+
+    store = Store(tmp_path / "t.db")
+    user, _ = create_user(store, "u")
+    store.create_run("run-0123456789ab", user.id, base_model="builtin://tiny-qwen2", adapter_name="default",
+                     lora_rank=4, lora_config={}, gradient_accumulation_steps=1)
+    return store, user, "run-0123456789ab"
+
+
+def test_non_finite_metrics_are_stored_as_null(tmp_path: Path) -> None:
+    store, user, run = _store_with_run(tmp_path)
+    try:
+        store.add_metric_point(run, step=1, micro_step=1, loss=0.5, num_tokens=3, time_=1.0)
+        store.add_metric_point(run, step=2, micro_step=2, loss=float("nan"), num_tokens=3, time_=2.0)
+        store.add_metric_point(run, step=3, micro_step=3, loss=float("inf"), num_tokens=3, time_=3.0)
+        store.complete_step(run, 2, grad_norm=float("inf"), lr=float("nan"))
+        store.update_run_progress(run, cur_step=3, consumed_train_samples=3, last_loss=float("-inf"))
+        store.upsert_checkpoint(run, "ck", time_=4.0, size_bytes=1, step=3, consumed_train_samples=3,
+                                loss=float("nan"), has_optimizer=False, base_model="b", lora_rank=4)
+        points = store.metric_points(run, 0)
+        assert [p.loss for p in points] == [0.5, None, None]
+        assert points[1].completed and points[1].grad_norm is None and points[1].lr is None
+        assert store.get_run(user.id, run).last_loss is None
+        assert store.get_checkpoint(user.id, run, "ck").loss is None
+        # Everything is JSON-safe (no NaN or Infinity reaches a response).
+        for model in (*points, store.get_run(user.id, run), store.get_checkpoint(user.id, run, "ck")):
+            model.model_dump_json()
+    finally:
+        store.close()
+
+
+class _FakeModel:
+    """Just enough of MultiLoraTransformersModel for ModelHandle's bookkeeping."""
+
+    model_id = "builtin://tiny-qwen2"
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+
+    def get_train_state(self, *, adapter_name=None):
+        return {"cur_step": 1, "consumed_train_samples": 4, "last_loss": float("nan"),
+                "gradient_accumulation_steps": 1, "lr": 0.1}
+
+    def forward_backward(self, inputs, *, adapter_name=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(step=0, micro_step=1, loss=float("nan"), num_tokens=3)
+
+    def step(self, *, adapter_name=None):
+        return True
+
+    def save(self, name, save_optimizer=False, *, adapter_name=None, save_dir=None):
+        self.saved.append(name)
+        folder = Path(save_dir) / name
+        _write_checkpoint(folder)
+        return str(folder)
+
+
+def _write_checkpoint(folder: Path, *, training_state: bool = False) -> None:
+    from twinkle import checkpoint as ckpt
+
+    folder.mkdir(parents=True)
+    (folder / ckpt.ADAPTER_CONFIG).write_text("{}")
+    (folder / ckpt.ADAPTER_WEIGHTS).write_bytes(b"w" * 16)
+    if training_state:
+        (folder / ckpt.TRAINING_STATE).write_bytes(b"t")
+    ckpt.CheckpointMeta(base_model="builtin://tiny-qwen2", lora_rank=4, cur_step=1, micro_step=1,
+                        consumed_train_samples=4, gradient_accumulation_steps=1,
+                        has_training_state=training_state).write(folder)
+
+
+def _book(tmp_path: Path, model=None):
+    from twinkle_server.runs import RunBook
+    from twinkle_server.settings import Settings
+    from twinkle_server.uploads import UploadManager
+
+    store, user, run = _store_with_run(tmp_path)
+    settings = Settings(data_dir=tmp_path / "data")
+    return RunBook(store, settings, model, UploadManager()), user, run
+
+
+def _handle(book, user, run):
+    from twinkle_server.runs import AdapterLink, ModelHandle
+
+    handle = ModelHandle(book, user, "obj-test")
+    handle.links["default"] = AdapterLink("default", "obj-test.default", run)
+    return handle
+
+
+def test_bookkeeping_failure_does_not_fail_a_call_that_ran(tmp_path: Path, caplog) -> None:
+    import logging
+
+    book, user, run = _book(tmp_path, _FakeModel())
+    handle = _handle(book, user, run)
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    for name in ("add_metric_point", "update_run_progress", "complete_step"):
+        setattr(book.store, name, broken)
+    with caplog.at_level(logging.ERROR, logger="twinkle_server"):
+        out = handle.call("forward_backward", [[{"input_ids": [1, 2]}]], {}, request_id="req-abc123")
+        assert out.micro_step == 1
+        assert handle.call("step", [], {}, request_id="req-def456") is True
+    logged = caplog.text
+    assert "req-abc123" in logged and "req-def456" in logged and "disk I/O error" in logged
+    book.store.close()
+
+
+def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    from twinkle_server import runs
+    from twinkle_server.store import twinkle_path
+
+    from twinkle.errors import NotFoundError
+
+    book, user, run = _book(tmp_path)
+    weights = book.settings.run_weights_dir(run)
+    for name in ("ck", "other"):
+        _write_checkpoint(weights / name)
+        book.record_checkpoint(run, name, weights / name)
+    real_rmtree = runs.shutil.rmtree
+
+    def crash(path, ignore_errors=False):
+        (Path(path) / "adapter_model.safetensors").unlink()  # a part of the folder is gone...
+        raise KeyboardInterrupt  # ... and the server dies
+
+    monkeypatch.setattr(runs.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        book.delete_checkpoint(user.id, run, "ck")
+    monkeypatch.setattr(runs.shutil, "rmtree", real_rmtree)
+    # The checkpoint is gone for readers; nothing half-deleted looks like a checkpoint.
+    assert not (weights / "ck").exists()
+    with pytest.raises(NotFoundError):
+        book.resolve(user.id, twinkle_path(run, "ck"))
+    assert [p.name.startswith(".del-ck-") for p in weights.iterdir() if p.name != "other"] == [True]
+    # A folder with its metadata but without its weights is not a checkpoint either.
+    (weights / "other" / "adapter_model.safetensors").unlink()
+    with pytest.raises(NotFoundError):
+        book.resolve(user.id, twinkle_path(run, "other"))
+    counts = runs.reconcile(book.store, book.settings)
+    assert counts["removed_tmp"] == 1 and counts["dropped"] == 1
+    assert [p.name for p in weights.iterdir()] == ["other"] and book.store.all_checkpoints() == []
+    book.store.close()
+
+
+def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path) -> None:
+    from twinkle_server import runs
+    from twinkle_server.store import twinkle_path
+
+    book, user, run = _book(tmp_path)
+    weights = book.settings.run_weights_dir(run)
+    # The crash came between atomic_directory's renames: only `.old-<name>-<pid>` is left.
+    _write_checkpoint(weights / "ck", training_state=True)
+    book.record_checkpoint(run, "ck", weights / "ck")
+    (weights / "ck").rename(weights / ".old-ck-4242")
+    _write_checkpoint(weights / ".old-my-ck-17")  # no row: restored and recorded
+    _write_checkpoint(weights / ".old-half-5")  # incomplete: removed, never restored
+    (weights / ".old-half-5" / "adapter_model.safetensors").unlink()
+    _write_checkpoint(weights / "kept")
+    book.record_checkpoint(run, "kept", weights / "kept")
+    _write_checkpoint(weights / ".old-kept-9")  # the new folder is in place: the old one goes
+    counts = runs.reconcile(book.store, book.settings)
+    assert counts["restored"] == 2 and counts["removed_tmp"] == 2 and counts["dropped"] == 0
+    assert sorted(p.name for p in weights.iterdir()) == ["ck", "kept", "my-ck"]
+    assert sorted(book.store.all_checkpoints()) == [(run, "ck"), (run, "kept"), (run, "my-ck")]
+    row, folder = book.resolve(user.id, twinkle_path(run, "ck"))
+    assert folder == weights / "ck" and row.has_optimizer
+    book.store.close()
+
+
+def test_no_delete_or_overwrite_while_uploading(tmp_path: Path) -> None:
+    from twinkle_server.store import twinkle_path
+    from twinkle_server.uploads import UploadJob
+
+    from twinkle.errors import StateError
+
+    model = _FakeModel()
+    book, user, run = _book(tmp_path, model)
+    handle = _handle(book, user, run)
+    assert handle.call("save", ["ck"], {}) == twinkle_path(run, "ck")
+    job = UploadJob("up-1", user.id, "org/name", twinkle_path(run, "ck"), status="running")
+    book.uploads._jobs[job.upload_id] = job
+    message = f"checkpoint {twinkle_path(run, 'ck')} is being uploaded; try again when the upload ends"
+    with pytest.raises(StateError) as err:
+        book.delete_checkpoint(user.id, run, "ck")
+    assert err.value.message == message
+    with pytest.raises(StateError) as err:
+        handle.call("save", ["ck"], {"save_optimizer": False})
+    assert err.value.message == message and model.saved == ["ck"]
+    assert handle.call("save", ["another"], {}) == twinkle_path(run, "another")  # other names are fine
+    job.status = "failed"
+    assert book.delete_checkpoint(user.id, run, "ck") == twinkle_path(run, "ck")
+    book.store.close()
+
+
+def test_hub_ids_must_be_org_slash_name(tmp_path: Path, monkeypatch) -> None:
+    from twinkle_server.policy import check_dataset_id, check_remote_id
+
+    from twinkle.errors import InvalidArgumentError
+
+    for bad in ("hf:///tmp/x", "hf://../etc", "hf://a/b/c", "ms://.hidden/x", "hf://org/..", "hf://a..b/c",
+                "ms://org", "hf://org/name\nx", "hf://", "ms://org/na me", "hf://org//name"):
+        for allow_local in (False, True):
+            with pytest.raises(InvalidArgumentError) as err:
+                check_remote_id(bad, "dataset", allow_local=allow_local)
+            assert "is not a hub id" in err.value.message and "\n" not in err.value.message, bad
+    for good in ("hf://org/name", "ms://Qwen/Qwen2.5-0.5B", "hf://a_b-c/d.e", "builtin://self-cognition"):
+        check_remote_id(good, "dataset", allow_local=False)
+    # An hf:// id that is also a folder where the server runs: the HF loader would read that folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twinkle_data" / "runs").mkdir(parents=True)
+    with pytest.raises(InvalidArgumentError, match="local folder"):
+        check_dataset_id("hf://twinkle_data/runs", allow_local=False)
+    check_dataset_id("hf://twinkle_data/other", allow_local=False)
+
+
+def test_model_id_policy_comes_before_any_file_lookup(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from twinkle_server.kinds import check_model_kwargs
+
+    from twinkle.errors import InvalidArgumentError
+
+    served = SimpleNamespace(model_id="builtin://tiny-qwen2", max_loras=2, max_r=8, device=None)
+    (tmp_path / "exists").write_text("secret")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+
+    def refusal(model_id: str) -> str:
+        with pytest.raises(InvalidArgumentError) as err:
+            check_model_kwargs(served, "float32", [model_id], {})  # type: ignore[arg-type]
+        return err.value.message
+
+    present, missing = refusal(str(tmp_path / "exists")), refusal(str(tmp_path / "missing"))
+    assert "local files" in present and present.replace("exists", "missing") == missing
+    assert refusal("org/name") == refusal("org/other").replace("other", "name") == \
+        "this server serves builtin://tiny-qwen2, not ms://org/name"
+    assert "is not a hub id" in refusal("hf:///etc/passwd")
+    check_model_kwargs(served, "float32", ["builtin://tiny-qwen2"], {})  # type: ignore[arg-type]
+
+
+def test_request_bodies_are_capped(monkeypatch) -> None:
+    import asyncio
+    import gzip
+
+    from starlette.requests import Request
+    from twinkle_server import wire
+    from twinkle_server.errors import status_for
+
+    monkeypatch.setattr(wire, "MAX_BODY_BYTES", 1000)
+
+    def request(body: bytes, **headers: str) -> Request:
+        chunks = [body[i:i + 300] for i in range(0, len(body), 300)] or [b""]
+
+        async def receive():
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        raw = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": raw}, receive)
+
+    def read(req: Request):
+        return asyncio.run(wire.read_body(req))
+
+    packed = codec.pack({"calls": [{"seq": 1, "method": "x" * 500}]})
+    assert read(request(packed))["calls"][0]["seq"] == 1
+    cases = [
+        request(b"\x00" * 1001),  # streamed, no length given
+        request(b"\x00" * 10, content_length="5000"),  # refused before reading
+        request(gzip.compress(b"\x00" * 1001), content_encoding="gzip"),  # a small body that inflates
+    ]
+    for req in cases:
+        with pytest.raises(wire.PayloadTooLargeError) as err:
+            read(req)
+        assert status_for(err.value.code) == 413 and "MiB" in err.value.message
+    assert read(request(gzip.compress(packed), content_encoding="gzip"))["calls"][0]["seq"] == 1
+
+
+def test_in_flight_idempotent_duplicate_must_be_the_same_request(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+    from twinkle_server.app import create_app
+    from twinkle_server.auth import create_user
+    from twinkle_server.objects import ObjectRegistry
+    from twinkle_server.settings import Settings
+
+    store = Store(tmp_path / "t.db")
+    _, key = create_user(store, "u")
+
+    class Ctx:
+        """The parts of ServerContext that object creation uses; creation waits for ``release``."""
+
+        settings = Settings(data_dir=tmp_path)
+        objects = ObjectRegistry(60.0, 10)
+
+        def __init__(self) -> None:
+            self.store = store
+            self.release = asyncio.Event()
+
+        async def run(self, kind, user_id, fn):
+            await self.release.wait()
+            return object()
+
+    async def main() -> None:
+        ctx = Ctx()
+        app = create_app(ctx)  # type: ignore[arg-type]
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": codec.CONTENT_TYPE, "Idempotency-Key": "k1"}
+        body = codec.pack({"kind": "dataset", "args": ["builtin://self-cognition"], "kwargs": {}})
+        other = codec.pack({"kind": "dataset", "args": ["hf://org/name"], "kwargs": {}})
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1") as client:
+            first = asyncio.create_task(client.post("/objects", content=body, headers=headers))
+            for _ in range(200):
+                if getattr(app.state, "pending_creations", None):
+                    break
+                await asyncio.sleep(0.01)
+            assert app.state.pending_creations, "the first creation never started"
+            # While the first still runs: a different body under the same key is refused at once...
+            different = await asyncio.wait_for(client.post("/objects", content=other, headers=headers), 5)
+            assert different.status_code == 400
+            assert codec.unpack(different.content)["error"]["message"] == \
+                "this Idempotency-Key was already used for a different request"
+            # ... and the same body shares the first one's outcome.
+            same = asyncio.create_task(client.post("/objects", content=body, headers=headers))
+            await asyncio.sleep(0.05)
+            ctx.release.set()
+            a, b = await asyncio.wait_for(first, 5), await asyncio.wait_for(same, 5)
+            assert a.status_code == b.status_code == 200
+            assert codec.unpack(a.content)["object_id"] == codec.unpack(b.content)["object_id"]
+            assert len(ctx.objects) == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
