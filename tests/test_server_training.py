@@ -352,7 +352,10 @@ def test_resume_supersedes_and_reattaches(flow) -> None:
 
 def test_upload_offline_fails_with_one_line(flow) -> None:
     c = flow.client
-    reply = c.call(flow.model, "upload_to_hub", flow.path, "someone/some-model", async_upload=True)
+    r = c.calls(flow.model, [("upload_to_hub", [flow.path, "someone/some-model"], {})])
+    err = c.body(r)["results"][0]["error"]
+    assert err["code"] == "invalid_argument" and "needs hub_token" in err["message"]
+    reply = c.call(flow.model, "upload_to_hub", flow.path, "someone/some-model", hub_token="tok", async_upload=True)
     upload_id = reply["upload_id"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -362,7 +365,7 @@ def test_upload_offline_fails_with_one_line(flow) -> None:
         time.sleep(0.2)
     assert status["status"] == "failed" and status["hub_model_id"] == "someone/some-model"
     assert status["error"] and "\n" not in status["error"] and str(flow.server.data_dir) not in status["error"]
-    r = c.calls(flow.model, [("upload_to_hub", [flow.path, "not a repo id"], {})])
+    r = c.calls(flow.model, [("upload_to_hub", [flow.path, "not a repo id"], {"hub_token": "tok"})])
     assert c.body(r)["results"][0]["error"]["code"] == "invalid_argument"
 
 
