@@ -588,12 +588,12 @@ class ModelHandle:
 
     def _upload_to_hub(self, bound: inspect.BoundArguments) -> dict[str, str]:
         a = bound.arguments
+        row, folder = self.book.resolve(self.user.id, a["checkpoint_dir"])
         if not a.get("hub_token"):
             # Without it the hub SDK would fall back to the server operator's own login.
             raise InvalidArgumentError(
                 "upload_to_hub on a twinkle server needs hub_token=<your ModelScope or Hugging Face token>"
             )
-        row, folder = self.book.resolve(self.user.id, a["checkpoint_dir"])
         job = self.book.uploads.start(
             self.user.id, folder, twinkle_path(row.run_id, row.name), a["hub_model_id"], a.get("hub_token")
         )

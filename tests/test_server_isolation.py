@@ -27,7 +27,7 @@ def two_users(server, add_user, raw_client, raw_helpers) -> SimpleNamespace:
     raw_helpers.train_steps(a, model, loader, 1)
     path = a.call(model, "save", "ck", save_optimizer=True)
     run_id = path.split("/")[2]
-    upload_id = a.call(model, "upload_to_hub", path, "org/name", async_upload=True)["upload_id"]
+    upload_id = a.call(model, "upload_to_hub", path, "org/name", hub_token="tok", async_upload=True)["upload_id"]
     b_model = raw_helpers.raw_model(b)
     ids = {"run_id": run_id, "checkpoint_id": "ck", "object_id": model, "upload_id": upload_id}
     yield SimpleNamespace(a=a, b=b, ids=ids, path=path, dataset=dataset, loader=loader, model=model,
