@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install demo test lint clean
+.PHONY: install chromium demo test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,14 +13,30 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU build of torch first, so that nothing below pulls a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# An editable install skips the wheel's data-files: put the /twinkle dashboard's jupyter-config
+	# file where a wheel install puts it (jupyter_server only enables extensions it finds listed).
+	mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d
+	cp jupyter-config/jupyter_server_config.d/twinkle_jupyter.json $(VENV)/etc/jupyter/jupyter_server_config.d/
+	$(BIN)/jupyter server extension enable --sys-prefix twinkle_jupyter
 	touch $(STAMP)
 
-install: $(STAMP)
+# The browser tests drive Debian's Chromium (Playwright cannot download browsers everywhere).
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "NOTE: $(CHROMIUM) is missing and this is not root: the browser tests will skip"; \
+		echo "      (and fail under CI=true). Install it with: sudo apt-get install -y chromium"; \
+	fi
+
+install: $(STAMP) chromium
 
 demo: $(STAMP)
 	$(BIN)/python -m twinkle.demo
 
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -101,8 +101,10 @@ class TwinkleDashboardApp(ExtensionApp):
         url, key = self.settings_in_use()
         if key:
             text = text.replace(key, "***")
-        if url:
-            text = text.replace(url.rstrip("/"), "the twinkle server")
+        client = self._client
+        for known in (getattr(client, "base_url", None), url.rstrip("/")):
+            if known:
+                text = text.replace(known, "<the configured URL>")
         return text
 
     async def stop_extension(self) -> None:
@@ -141,6 +143,10 @@ class DashboardPage(ExtensionHandlerMixin, JupyterHandler):
         self.finish(page)
 
 
+class _NotConfigured(Exception):
+    pass
+
+
 class _Api(ExtensionHandlerMixin, APIHandler):
     """Read-only JSON over one twinkle_client call. There are no write routes (POST etc.: 405)."""
 
@@ -151,14 +157,21 @@ class _Api(ExtensionHandlerMixin, APIHandler):
         app: TwinkleDashboardApp = self.settings["twinkle_dashboard"]
 
         def call() -> Any:
-            return getattr(app.client(), fn_name)(*args, **kwargs)
+            try:
+                client = app.client()
+            except TwinkleError as err:  # no URL, or not a usable one: the Jupyter server's setup
+                raise _NotConfigured(str(err)) from None
+            return getattr(client, fn_name)(*args, **kwargs)
 
         self.set_header("Cache-Control", "no-store")
         try:
             result = await asyncio.to_thread(call)
+        except _NotConfigured as err:
+            self.set_status(503)
+            self.finish(json.dumps({"error": app.scrub(str(err))}))
+            return
         except TwinkleError as err:
-            status = 503 if str(err) == _NOT_CONFIGURED else _STATUS.get(err.code, 502)
-            self.set_status(status)
+            self.set_status(_STATUS.get(err.code, 502))
             self.finish(json.dumps({"error": app.scrub(str(err))}))
             return
         except Exception as err:  # a bug or a broken reply: logged here, one line there
