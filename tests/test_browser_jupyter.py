@@ -552,6 +552,18 @@ def _client(twinkle: tuple[Any, str]) -> Any:
 # ---------------------------------------------------------------------------- JupyterLab
 
 
+def _train_watching_the_live_plot(nb: Notebook) -> tuple[str, list[Any]]:
+    """Run the cells above the training cell, then the training cell while sampling its plot."""
+    nb.run(CELL_TRAIN, "notebook:run-all-above")
+    run_id = _run_id_of(nb)
+    nb.lap("set-up cells")
+    pictures = nb.train_watching_the_plot(screenshot="live-plot")
+    assert len(pictures) >= MIN_LIVE_CHANGES + 1, (
+        f"the live plot changed {max(len(pictures) - 1, 0)} times while the cell ran (want >= {MIN_LIVE_CHANGES})"
+    )
+    return run_id, pictures
+
+
 def test_lab_live_plot_resume_restart_and_dashboard(
     lab: JupyterServer, chromium: Any, twinkle: tuple[Any, str], shots: Callable[[Any, str], None]
 ) -> None:
@@ -568,14 +580,7 @@ def test_lab_live_plot_resume_restart_and_dashboard(
         nb.lap("open the notebook")
 
         # Set-up cells, then the training cell while watching its live plot.
-        nb.run(CELL_TRAIN, "notebook:run-all-above")
-        run_id = _run_id_of(nb)
-        nb.lap("set-up cells")
-        pictures = nb.train_watching_the_plot(screenshot="live-plot")
-        assert len(pictures) >= MIN_LIVE_CHANGES + 1, (
-            f"the live plot changed {max(len(pictures) - 1, 0)} times while the cell ran "
-            f"(want >= {MIN_LIVE_CHANGES})"
-        )
+        run_id, pictures = _train_watching_the_live_plot(nb)
         final = nb.wait_static_plot()
         assert final["live"] == 0, "the live widget is still in the output after the cell ended"
         steps = client.get_training_run(run_id).cur_step
@@ -756,13 +761,7 @@ def test_notebook7_live_plot_smoke(
         nb.wait_ready()
         nb.shot("opened")
         nb.lap("open the notebook")
-        nb.run(CELL_TRAIN, "notebook:run-all-above")
-        run_id = _run_id_of(nb)
-        nb.lap("set-up cells")
-        pictures = nb.train_watching_the_plot(screenshot="live-plot")
-        assert len(pictures) >= MIN_LIVE_CHANGES + 1, (
-            f"the live plot changed {max(len(pictures) - 1, 0)} times while the cell ran (want >= {MIN_LIVE_CHANGES})"
-        )
+        run_id, pictures = _train_watching_the_live_plot(nb)
         nb.lap("training cell")
         final = nb.wait_static_plot()
         steps = _client(twinkle).get_training_run(run_id).cur_step
