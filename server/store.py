@@ -257,7 +257,7 @@ class Store:
         SELECT r.*, u.name AS owner_name,
                (SELECT COUNT(*) FROM checkpoints c WHERE c.run_id = r.run_id) AS num_checkpoints,
                (SELECT c.name FROM checkpoints c WHERE c.run_id = r.run_id
-                 ORDER BY c.time DESC, c.name DESC LIMIT 1) AS last_checkpoint_name
+                 ORDER BY c.time DESC, c.step DESC LIMIT 1) AS last_checkpoint_name
         FROM training_runs r JOIN users u ON u.id = r.user_id
     """
 
@@ -436,7 +436,7 @@ class Store:
     def list_checkpoints(self, user_id: int, run_id: str) -> list[Checkpoint]:
         """Checkpoints of the user's run, oldest first (``NotFoundError`` for another user's run)."""
         self.get_run(user_id, run_id)
-        rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY time, name", (run_id,))
+        rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY time, step", (run_id,))
         return [self._checkpoint(r) for r in rows]
 
     def get_checkpoint(self, user_id: int, run_id: str, name: str) -> Checkpoint:
