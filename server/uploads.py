@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinkle.errors import InvalidArgumentError, NotFoundError
+from twinkle.errors import InvalidArgumentError, NotFoundError, first_line
 from twinkle_client.types import UploadStatus
 
 log = logging.getLogger("twinkle_server.uploads")
@@ -105,7 +105,7 @@ class UploadManager:
         try:
             upload_folder(folder, job.hub_model_id, token=hub_token, timeout=UPLOAD_TIMEOUT_S)
         except Exception as exc:  # every failure ends the job with one readable line
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             # The hub helpers name the local folder; clients only ever see twinkle:// paths.
             job.error = message.replace(str(folder), job.twinkle_path)
             job.status = "failed"

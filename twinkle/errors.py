@@ -102,6 +102,13 @@ ERRORS_BY_CODE: dict[str, type[TwinkleError]] = {
 }
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type name when it has none: how a foreign
+    exception is quoted inside a one-line twinkle error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def error_from_code(code: str, message: str, request_id: str | None = None) -> TwinkleError:
     """Rebuild the typed error that a server reported as ``code``."""
     return ERRORS_BY_CODE.get(code, TwinkleError)(message, request_id=request_id)

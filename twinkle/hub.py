@@ -11,7 +11,7 @@ import re
 import threading
 from pathlib import Path
 
-from .errors import HubError, NotFoundError
+from .errors import HubError, NotFoundError, first_line
 
 BUILTIN_MODELS = ("builtin://tiny-qwen2",)
 # A hub repository id: exactly "org/name", nothing that a hub SDK could take for a local path.
@@ -85,7 +85,7 @@ def snapshot_download(scheme: str, repo_id: str, *, repo_type: str) -> str:
         sdk = "modelscope" if scheme == "ms" else "huggingface_hub"
         raise HubError(f"{scheme}://{repo_id} needs the {sdk} package: pip install 'twinkle-notebook[hub]'") from exc
     except Exception as exc:  # the SDKs raise many types for "not there" and "no network"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise HubError(
             f"could not fetch {scheme}://{repo_id} ({reason}); offline, use builtin:// ids or a local path"
         ) from exc
@@ -129,6 +129,6 @@ def upload_folder(folder: str | os.PathLike[str], hub_model_id: str, *, token: s
         sdk = "modelscope" if scheme == "ms" else "huggingface_hub"
         raise HubError(f"uploading to {scheme}:// needs the {sdk} package: pip install 'twinkle-notebook[hub]'") from exc
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise HubError(f"upload of {folder} to {hub_model_id} failed: {reason}") from exc
     return repo_id

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, first_line
 from .registry import REGISTRY
 
 IGNORE_INDEX = -100
@@ -170,5 +170,5 @@ def _as_tensor(value: Any, key: str) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as exc:  # ragged or non-numeric nested lists
         raise InvalidArgumentError(
             f"{key} must be a rectangular 2-D array of ints (pass a list of samples to pad ragged ones): "
-            f"{str(exc).splitlines()[0]}"
+            f"{first_line(exc)}"
         ) from None

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import hub
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import InvalidArgumentError, NotFoundError, first_line
 from .registry import REGISTRY
 
 IGNORE_INDEX = -100
@@ -202,5 +202,5 @@ def _load_tokenizer(model_id: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise NotFoundError(f"no usable tokenizer for {model_id!r} in {folder} ({reason})") from exc

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from twinkle.errors import InvalidArgumentError
+from twinkle.errors import InvalidArgumentError, first_line
 
 CONTENT_TYPE = "application/msgpack"
 _ND = "__nd__"
@@ -167,8 +167,7 @@ def from_wire(data: Any, resolve_ref: Callable[[str], Any] | None = None, *, ten
         except InvalidArgumentError:
             raise
         except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidArgumentError(f"malformed {data[_TYPE]} value: {first}") from None
+            raise InvalidArgumentError(f"malformed {data[_TYPE]} value: {first_line(exc)}") from None
     return {k: from_wire(v, resolve_ref, tensors=tensors) for k, v in data.items()}
 
 

@@ -29,6 +29,7 @@ from twinkle.errors import (
     TransportError,
     TwinkleError,
     error_from_code,
+    first_line,
 )
 
 from . import codec
@@ -296,5 +297,4 @@ def _describe(exc: BaseException) -> str:
         return "connection refused" if "refused" in text.lower() else text.splitlines()[0]
     if isinstance(exc, httpx.RemoteProtocolError):
         return "the server closed the connection without replying"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import hub
 from ..api import api_method
-from ..errors import HubError, InvalidArgumentError, NotFoundError, StateError
+from ..errors import HubError, InvalidArgumentError, NotFoundError, StateError, first_line
 from ..preprocessor import Preprocessor
 from ..registry import REGISTRY
 from ..template import Template
@@ -92,7 +92,7 @@ class Dataset:
         try:
             merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         except ValueError as exc:
-            raise InvalidArgumentError(f"cannot mix the datasets: {_first_line(exc)}") from None
+            raise InvalidArgumentError(f"cannot mix the datasets: {first_line(exc)}") from None
         if interleave and len(parts) > 1:
             merged = merged.select(_interleaved_order([len(p) for p in parts], MIX_SEED))
             merged = merged.flatten_indices(keep_in_memory=True)
@@ -319,11 +319,6 @@ def _as_meta(dataset_meta: DatasetMeta | str) -> DatasetMeta:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _interleaved_order(sizes: list[int], seed: int) -> list[int]:
     """Row positions in the concatenation of datasets of ``sizes`` rows, merged at random.
 
@@ -468,7 +463,7 @@ def _load_folder(meta: DatasetMeta, folder: Path) -> datasets.Dataset:
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     except ValueError as exc:
         raise InvalidArgumentError(
-            f"dataset {meta.dataset_id!r}: its files have different columns ({_first_line(exc)})"
+            f"dataset {meta.dataset_id!r}: its files have different columns ({first_line(exc)})"
         ) from None
 
 
@@ -493,7 +488,7 @@ def _read_file(path: Path, dataset_id: str) -> datasets.Dataset:
         raise
     except Exception as exc:  # pyarrow/json raise many types for a malformed file
         raise InvalidArgumentError(
-            f"dataset {dataset_id!r}: cannot read {path.name} ({_first_line(exc)})"
+            f"dataset {dataset_id!r}: cannot read {path.name} ({first_line(exc)})"
         ) from None
 
 
@@ -522,7 +517,7 @@ def _load_hf(meta: DatasetMeta, name: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(name, meta.subset_name, split=meta.split, keep_in_memory=True)
     except datasets.exceptions.DatasetNotFoundError as exc:
-        raise NotFoundError(f"dataset hf://{name} not found ({_first_line(exc)})") from None
+        raise NotFoundError(f"dataset hf://{name} not found ({first_line(exc)})") from None
     except Exception as exc:  # network, auth, bad subset/split: one line for the user
-        raise HubError(f"could not load hf://{name} ({_first_line(exc)})") from exc
+        raise HubError(f"could not load hf://{name} ({first_line(exc)})") from exc
     return ds
