@@ -29,11 +29,11 @@ from twinkle.api import api_methods
 from twinkle.errors import CheckpointError, InvalidArgumentError, NotFoundError, StateError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel
 from twinkle_client.codec import from_wire, to_wire
-from twinkle_client.types import TWINKLE_SCHEME, CheckpointPath
+from twinkle_client.types import TWINKLE_SCHEME, CheckpointPath, split_twinkle_path, twinkle_path
 
 from .policy import check_remote_id
 from .settings import Settings
-from .store import CheckpointRow, Store, User, twinkle_path
+from .store import CheckpointRow, Store, User
 from .uploads import UploadManager
 
 log = logging.getLogger("twinkle_server.runs")
@@ -74,16 +74,11 @@ def parse_twinkle_path(value: Any) -> tuple[str, str]:
         raise InvalidArgumentError(f"a checkpoint is named by a twinkle:// path, got {type(value).__name__}")
     if not value.startswith(TWINKLE_SCHEME):
         raise InvalidArgumentError("pass a twinkle:// path; server paths are not accepted")
-    parts = value[len(TWINKLE_SCHEME):].split("/")
-    if (
-        len(parts) != 3
-        or parts[1] != "weights"
-        or not _RUN_ID.fullmatch(parts[0])
-        or not _CHECKPOINT_NAME.fullmatch(parts[2])
-    ):
+    parts = split_twinkle_path(value)
+    if parts is None or not _RUN_ID.fullmatch(parts[0]) or not _CHECKPOINT_NAME.fullmatch(parts[1]):
         shown = value[:200].replace("\n", " ").replace("\r", " ")
         raise NotFoundError(f"no checkpoint {shown}")
-    return parts[0], parts[2]
+    return parts
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError, NotFoundError
-from twinkle_client.types import TWINKLE_SCHEME, Checkpoint, MetricPoint, TrainingRun
+from twinkle_client.types import Checkpoint, MetricPoint, TrainingRun, twinkle_path
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema.
@@ -110,11 +110,6 @@ class CheckpointRow:
     user_id: int
     step: int
     has_optimizer: bool
-
-
-def twinkle_path(run_id: str, name: str) -> str:
-    """``twinkle://<run_id>/weights/<name>``."""
-    return f"{TWINKLE_SCHEME}{run_id}/weights/{name}"
 
 
 def _dt(ts: float | None) -> datetime | None:

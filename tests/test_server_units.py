@@ -167,9 +167,9 @@ def test_bookkeeping_failure_does_not_fail_a_call_that_ran(tmp_path: Path, caplo
 
 def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
     from twinkle_server import runs
-    from twinkle_server.store import twinkle_path
 
     from twinkle.errors import NotFoundError
+    from twinkle_client.types import twinkle_path
 
     book, user, run = _book(tmp_path)
     weights = book.settings.run_weights_dir(run)
@@ -203,7 +203,8 @@ def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
 
 def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path) -> None:
     from twinkle_server import runs
-    from twinkle_server.store import twinkle_path
+
+    from twinkle_client.types import twinkle_path
 
     book, user, run = _book(tmp_path)
     weights = book.settings.run_weights_dir(run)
@@ -227,10 +228,10 @@ def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path)
 
 
 def test_no_delete_or_overwrite_while_uploading(tmp_path: Path) -> None:
-    from twinkle_server.store import twinkle_path
     from twinkle_server.uploads import UploadJob
 
     from twinkle.errors import StateError
+    from twinkle_client.types import twinkle_path
 
     model = _FakeModel()
     book, user, run = _book(tmp_path, model)

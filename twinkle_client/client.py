@@ -32,6 +32,7 @@ from .types import (
     TrainingRun,
     TrainingRunsResponse,
     UploadStatus,
+    split_twinkle_path,
 )
 
 ENV_URL = "TWINKLE_SERVER_URL"
@@ -217,10 +218,10 @@ def _checkpoint_ref(run_id: str, checkpoint_id: str) -> tuple[str, str]:
     """Accept ``step-10``, upstream's ``weights/step-10`` or a whole ``twinkle://`` path."""
     ckpt = str(checkpoint_id) if isinstance(checkpoint_id, CheckpointPath) else checkpoint_id
     if isinstance(ckpt, str) and ckpt.startswith(TWINKLE_SCHEME):
-        parts = ckpt[len(TWINKLE_SCHEME):].split("/")
-        if len(parts) == 3 and parts[1] == "weights":
-            return parts[0], parts[2]
-        raise InvalidArgumentError(f"not a twinkle checkpoint path: {ckpt!r}")
+        parts = split_twinkle_path(ckpt)
+        if parts is None:
+            raise InvalidArgumentError(f"not a twinkle checkpoint path: {ckpt!r}")
+        return parts
     if isinstance(ckpt, str) and ckpt.startswith("weights/"):
         ckpt = ckpt[len("weights/"):]
     return run_id, ckpt
