@@ -261,7 +261,7 @@ def _build_context(settings: Settings) -> Any:
     except TwinkleError as exc:
         store.close()
         raise CliError(f"cannot load {settings.model}: {exc}") from None
-    dtype = str(getattr(model._base, "dtype", "")).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     log.info("serving %s on %s (%s), %d adapter slots, max_r %d", model.model_id, model.device, dtype,
              model.max_loras, model.max_r)
     return ServerContext(settings=settings, store=store, model=model, dtype=dtype)

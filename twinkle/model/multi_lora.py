@@ -102,6 +102,11 @@ class MultiLoraTransformersModel:
         return list(self._adapters)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The base model's dtype (bfloat16 on CUDA, float32 on CPU unless chosen)."""
+        return self._base.dtype
+
+    @property
     def free_slots(self) -> int:
         """How many more adapters fit (``max_loras`` minus those in use)."""
         return self.max_loras - len(self._adapters)
