@@ -467,7 +467,9 @@ class FakeTwinkle:
                 return DROP
             return 200, codec.pack({"results": results})
         if m := re.fullmatch(r"/objects/([\w-]+)", path):
-            slot = self.objects.pop(m.group(1))
+            slot = self.objects.pop(m.group(1), None)
+            if slot is None:
+                return 404, error_body("not_found", f"no object {m.group(1)}")
             return 200, {"object_id": m.group(1), "kind": slot.kind}
         if m := re.fullmatch(r"/uploads/([\w-]+)", path):
             status = self.uploads.pop(0)
@@ -684,12 +686,31 @@ def test_reinit_replaces_the_connection_under_existing_objects(fake: FakeTwinkle
     model = make_model()
     seed_step(model).result()
     second = init_twinkle_client(fake.url, "key-2")
-    assert first.closed and first.transport._http.is_closed and not second.closed
+    assert first.closed and not second.closed
+    # The old pool closes once its requests in flight (a release, say) have finished.
+    deadline = time.monotonic() + 10
+    while not first.transport._http.is_closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.transport._http.is_closed
     assert seed_step(model).loss == 0.5
     auth = [r.headers["Authorization"] for r in fake.http.requests if r.path.endswith("/calls")]
     assert auth[0] == "Bearer key-1" and auth[-1] == "Bearer key-2"
     with pytest.raises(errors.StateError, match="was closed"):
         first.list_training_runs()
+
+
+def test_an_object_stays_bound_to_its_server(fake: FakeTwinkle) -> None:
+    model = make_model()
+    seed_step(model).result()
+    other = FakeTwinkle()
+    try:
+        init_twinkle_client(other.url, "key-2")
+        with pytest.raises(errors.StateError, match=f"lives on {fake.url}.*connects to {other.url}"):
+            seed_step(model).result()
+        model.close()  # the release must not go to the other server
+        assert not [r for r in other.http.requests if "/objects" in r.path]
+    finally:
+        other.close()
 
 
 def test_an_object_made_before_init_uses_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

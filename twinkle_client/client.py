@@ -244,7 +244,8 @@ def init_twinkle_client(base_url: str | None = None, api_key: str | None = None,
     ``base_url`` and ``api_key`` default to ``$TWINKLE_SERVER_URL`` (else
     ``http://127.0.0.1:8000``) and ``$TWINKLE_SERVER_TOKEN``, read now. Calling it again
     replaces the connection: the previous client is closed (after requests in flight) and
-    existing remote objects carry on over the new one. ``kwargs`` go to ``TwinkleClient``;
+    existing remote objects carry on over the new one when it points at the same server
+    (objects on another server raise ``StateError`` on their next call). ``kwargs`` go to ``TwinkleClient``;
     upstream's ``session_heartbeat_interval`` is accepted and ignored (no sessions here).
     """
     kwargs.pop("session_heartbeat_interval", None)

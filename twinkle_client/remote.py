@@ -33,7 +33,7 @@ from twinkle.api import api_methods
 from twinkle.errors import InvalidArgumentError, StateError, TwinkleError, error_from_code
 
 from . import codec
-from .client import current_client
+from .client import TwinkleClient, current_client
 from .lazy import CallFuture, lazy_class_for
 from .transport import RetryPolicy
 from .types import CallBatchResult, CallResult, ErrorInfo, ObjectInfo
@@ -90,9 +90,10 @@ class Pipeline:
     its finalizer stops the thread once everything queued has been sent.
     """
 
-    def __init__(self, label: str, object_id: str) -> None:
+    def __init__(self, label: str, object_id: str, server: str) -> None:
         self.label = label
         self.object_id = object_id
+        self.server = server
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._next_seq = 1
@@ -211,11 +212,25 @@ class Pipeline:
 
     def _send(self, batch: list[_Pending]) -> list[CallResult]:
         payload = {"calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs} for p in batch]}
-        data = current_client().transport.post_msgpack(f"/objects/{self.object_id}/calls", payload)
+        data = self.client().transport.post_msgpack(f"/objects/{self.object_id}/calls", payload)
         try:
             return CallBatchResult.model_validate(data).results
         except Exception as exc:
             raise TwinkleError(f"the twinkle server sent a malformed call result: {exc}") from None
+
+    def client(self) -> TwinkleClient:
+        """The current client, if it talks to the server that holds this object.
+
+        Re-initialising with a new key or options keeps objects usable; an object id means
+        nothing on another server, so pointing the client elsewhere strands the object.
+        """
+        client = current_client()
+        if client.base_url != self.server:
+            raise StateError(
+                f"{self.label} lives on {self.server}, but the current twinkle client connects to "
+                f"{client.base_url}; create it again, or init_twinkle_client({self.server!r}, ...)"
+            )
+        return client
 
     def _settle(self, batch: list[_Pending], outcome: list[CallResult] | TwinkleError) -> None:
         settled: list[tuple[CallFuture, Any, BaseException | None]] = []
@@ -319,7 +334,7 @@ def _release(pipeline: Pipeline, object_id: str) -> None:
     if failure is not None:
         log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
     try:
-        current_client().transport.delete_json(f"/objects/{object_id}", retry=CLOSE_RETRY)
+        pipeline.client().transport.delete_json(f"/objects/{object_id}", retry=CLOSE_RETRY)
     except Exception as exc:
         # The server may have reaped it already, or be gone; nothing is left to release here.
         log.info("twinkle: closing %s: %s", pipeline.label, exc)
@@ -386,14 +401,15 @@ class RemoteObject:
         }
         # The key makes a creation retried after a lost reply return the same object.
         headers = {"Idempotency-Key": uuid.uuid4().hex}
-        data = current_client().transport.post_msgpack("/objects", payload, headers=headers)
+        client = current_client()
+        data = client.transport.post_msgpack("/objects", payload, headers=headers)
         try:
             info = ObjectInfo.model_validate(data)
         except Exception as exc:
             raise TwinkleError(f"the twinkle server sent a malformed object id: {exc}") from None
         self._twinkle_object_id = info.object_id
         label = f"{type(self).__name__} {info.object_id}"
-        self._twinkle_pipeline = Pipeline(label, info.object_id)
+        self._twinkle_pipeline = Pipeline(label, info.object_id, client.base_url)
         # Dropped without close() (e.g. `model = ...` run again): free the server object too,
         # or its adapter slot stays taken until the server's idle timeout.
         self._twinkle_finalizer = weakref.finalize(self, _release_later, self._twinkle_pipeline, info.object_id)
