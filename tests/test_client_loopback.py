@@ -699,6 +699,30 @@ def test_reinit_replaces_the_connection_under_existing_objects(fake: FakeTwinkle
         first.list_training_runs()
 
 
+def test_a_call_caught_between_clients_goes_over_the_new_one(fake: FakeTwinkle,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model()
+    seed_step(model).result()
+    packing, replaced = threading.Event(), threading.Event()
+    real_pack = codec.pack
+
+    def pack_after_the_swap(value: Any) -> bytes:
+        # The sender has looked up the client; hold it there until the client is replaced.
+        if threading.current_thread().name.startswith("twinkle-sender") and not packing.is_set():
+            packing.set()
+            assert replaced.wait(10)
+        return real_pack(value)
+
+    monkeypatch.setattr(codec, "pack", pack_after_the_swap)
+    output = model.forward_backward(inputs=BATCH)
+    assert packing.wait(10)
+    init_twinkle_client(fake.url, "key-2")  # the old pool is idle, so it closes now
+    replaced.set()
+    assert output.loss == 0.5
+    auth = [r.headers["Authorization"] for r in fake.http.requests if r.path.endswith("/calls")]
+    assert auth[-1] == "Bearer key-2"
+
+
 def test_an_object_stays_bound_to_its_server(fake: FakeTwinkle) -> None:
     model = make_model()
     seed_step(model).result()

@@ -277,6 +277,12 @@ def current_client() -> TwinkleClient:
     return client
 
 
+def peek_client() -> TwinkleClient | None:
+    """The current client as it is, without making one from the environment."""
+    with _lock:
+        return _current
+
+
 def newest_checkpoint(checkpoints: list[Checkpoint]) -> Checkpoint | None:
     """The most recently saved checkpoint: after a resume from an earlier step, that is the one
     on the live branch, not the highest step of the abandoned one."""

@@ -27,18 +27,19 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from twinkle.api import api_methods
 from twinkle.errors import InvalidArgumentError, StateError, TwinkleError, error_from_code
 
 from . import codec
-from .client import TwinkleClient, current_client
+from .client import TwinkleClient, current_client, peek_client
 from .lazy import CallFuture, lazy_class_for
-from .transport import RetryPolicy
+from .transport import ClientClosedError, RetryPolicy
 from .types import CallBatchResult, CallResult, ErrorInfo, ObjectInfo
 
 log = logging.getLogger("twinkle_client")
+T = TypeVar("T")
 
 MAX_CALLS_PER_BATCH = 64
 EXIT_DRAIN_S = 10.0
@@ -212,25 +213,12 @@ class Pipeline:
 
     def _send(self, batch: list[_Pending]) -> list[CallResult]:
         payload = {"calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs} for p in batch]}
-        data = self.client().transport.post_msgpack(f"/objects/{self.object_id}/calls", payload)
+        path = f"/objects/{self.object_id}/calls"
+        data = on_current_client(lambda c: c.transport.post_msgpack(path, payload), self.label, self.server)
         try:
             return CallBatchResult.model_validate(data).results
         except Exception as exc:
             raise TwinkleError(f"the twinkle server sent a malformed call result: {exc}") from None
-
-    def client(self) -> TwinkleClient:
-        """The current client, if it talks to the server that holds this object.
-
-        Re-initialising with a new key or options keeps objects usable; an object id means
-        nothing on another server, so pointing the client elsewhere strands the object.
-        """
-        client = current_client()
-        if client.base_url != self.server:
-            raise StateError(
-                f"{self.label} lives on {self.server}, but the current twinkle client connects to "
-                f"{client.base_url}; create it again, or init_twinkle_client({self.server!r}, ...)"
-            )
-        return client
 
     def _settle(self, batch: list[_Pending], outcome: list[CallResult] | TwinkleError) -> None:
         settled: list[tuple[CallFuture, Any, BaseException | None]] = []
@@ -317,6 +305,29 @@ def _drain_at_exit() -> None:
             log.info("twinkle: closing %r at exit: %s", obj, exc)
 
 
+def on_current_client(send: Callable[[TwinkleClient], T], label: str, server: str | None = None) -> T:
+    """Run ``send`` over the current client, which must talk to ``server`` when given.
+
+    ``init_twinkle_client`` may replace the client between looking it up and sending; the
+    old one then refuses before anything goes out, so the request is sent over the new one.
+    An object id means nothing on another server, so pointing the client elsewhere strands
+    the object with a clear error instead of sending its id to a stranger.
+    """
+    for _ in range(3):
+        client = current_client()
+        if server is not None and client.base_url != server:
+            raise StateError(
+                f"{label} lives on {server}, but the current twinkle client connects to "
+                f"{client.base_url}; create it again, or init_twinkle_client({server!r}, ...)"
+            )
+        try:
+            return send(client)
+        except ClientClosedError:
+            if peek_client() is client:
+                raise  # closed, not replaced: the caller has to reconnect
+    raise StateError(f"{label}: the twinkle client was replaced while sending; try again")
+
+
 def _release_later(pipeline: Pipeline, object_id: str) -> None:
     """Finalizer: garbage collection may run anywhere, so the network part goes to a thread."""
 
@@ -334,7 +345,10 @@ def _release(pipeline: Pipeline, object_id: str) -> None:
     if failure is not None:
         log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
     try:
-        pipeline.client().transport.delete_json(f"/objects/{object_id}", retry=CLOSE_RETRY)
+        if peek_client() is None:
+            return  # no connection left (it was reset): nothing to release over
+        path = f"/objects/{object_id}"
+        on_current_client(lambda c: c.transport.delete_json(path, retry=CLOSE_RETRY), pipeline.label, pipeline.server)
     except Exception as exc:
         # The server may have reaped it already, or be gone; nothing is left to release here.
         log.info("twinkle: closing %s: %s", pipeline.label, exc)
@@ -401,8 +415,14 @@ class RemoteObject:
         }
         # The key makes a creation retried after a lost reply return the same object.
         headers = {"Idempotency-Key": uuid.uuid4().hex}
-        client = current_client()
-        data = client.transport.post_msgpack("/objects", payload, headers=headers)
+        sent_on: list[TwinkleClient] = []
+
+        def create(client: TwinkleClient) -> Any:
+            sent_on.append(client)
+            return client.transport.post_msgpack("/objects", payload, headers=headers)
+
+        data = on_current_client(create, type(self).__name__)
+        client = sent_on[-1]
         try:
             info = ObjectInfo.model_validate(data)
         except Exception as exc:

@@ -76,6 +76,10 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
+class ClientClosedError(StateError):
+    """The client was closed before this request went out: nothing was sent."""
+
+
 class Transport:
     """Sends requests to one twinkle server over one connection pool.
 
@@ -132,7 +136,7 @@ class Transport:
     def _enter(self) -> None:
         with self._lock:
             if self._closing:
-                raise StateError(
+                raise ClientClosedError(
                     f"this TwinkleClient for {self.base_url} was closed; call init_twinkle_client(...) to reconnect"
                 )
             self._inflight += 1
