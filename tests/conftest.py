@@ -21,7 +21,7 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(_ROOT, "mpl"))
 # Test modules cannot import conftest (pytest runs with --import-mode=importlib), so the
 # server helpers reach tests as fixtures:
 #
-# - ``start_server(data_dir, *extra_args, timeout=120.0) -> ServerHandle`` (session-scoped
+# - ``start_server(data_dir, *extra_args, timeout=240.0) -> ServerHandle`` (session-scoped
 #   factory): runs ``python -m twinkle_server.cli serve --port 0 --data-dir DATA_DIR
 #   *extra_args`` and waits for ``twinkle-server listening on http://HOST:PORT``. A handle
 #   has ``url`` (``http://127.0.0.1:PORT``), ``api`` (``url + '/api/v1'``), ``process``,
@@ -81,7 +81,7 @@ class ServerHandle:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (a clean shutdown), then SIGKILL if it does not exit in ``timeout`` seconds."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -109,7 +109,7 @@ class ServerHandle:
 _server_counter = itertools.count()
 
 
-def launch_server(data_dir: str | Path, *extra_args: str, timeout: float = 120.0) -> ServerHandle:
+def launch_server(data_dir: str | Path, *extra_args: str, timeout: float = 240.0) -> ServerHandle:
     """Start ``twinkle-server serve --port 0`` on ``data_dir`` and wait until it listens."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def create_user(data_dir: str | Path, name: str) -> str:
 class RawClient:
     """The object and management routes over plain httpx, bodies packed with ``twinkle_client.codec``."""
 
-    def __init__(self, api: str, key: str | None, timeout: float = 120.0) -> None:
+    def __init__(self, api: str, key: str | None, timeout: float = 240.0) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -250,10 +250,10 @@ def train_steps(client: RawClient, model: str, loader: str, n: int) -> list[floa
 
 @pytest.fixture(scope="session")
 def start_server() -> Iterator[Callable[..., ServerHandle]]:
-    """Factory ``start_server(data_dir, *extra_args, timeout=120.0) -> ServerHandle``."""
+    """Factory ``start_server(data_dir, *extra_args, timeout=240.0) -> ServerHandle``."""
     handles: list[ServerHandle] = []
 
-    def start(data_dir: str | Path, *extra_args: str, timeout: float = 120.0) -> ServerHandle:
+    def start(data_dir: str | Path, *extra_args: str, timeout: float = 240.0) -> ServerHandle:
         handle = launch_server(data_dir, *extra_args, timeout=timeout)
         handles.append(handle)
         return handle

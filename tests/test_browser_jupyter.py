@@ -321,7 +321,10 @@ class Leaks:
         }
         assert not self.hits, f"the twinkle key reached the browser: {self.hits}"
         assert not self.forbidden_requests, f"the browser asked the twinkle server itself: {self.forbidden_requests}"
-        assert len(self.unreadable) <= self.MAX_LOST, f"responses that could not be searched: {self.unreadable}"
+        # Files under /static/ were on disk before this test made its key, so a lost body there
+        # hides nothing; Chromium drops some (fonts) whatever the timing.
+        lost = [u for u in self.unreadable if "/static/" not in u.split(": ", 1)[0]]
+        assert len(lost) <= self.MAX_LOST, f"responses that could not be searched: {lost}"
 
 
 class Notebook:
@@ -387,7 +390,8 @@ class Notebook:
             if not shot_taken and seen >= 3 and (seen >= 6 or time.monotonic() - first_seen > 3):
                 self.shot(screenshot, CELL_TRAIN)
                 shot_taken = True
-            time.sleep(0.25)
+            # Playwright handles its events (the key scan reads bodies) only inside its calls.
+            self.page.wait_for_timeout(250)
         self.wait(run, CELL_TRAIN)
         pictures = self.pictures(run)
         self.report["live_pictures"].append(len(pictures))

@@ -8,6 +8,7 @@ over fake objects, for everything built on it.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -120,6 +121,12 @@ def fresh_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("TWINKLE_SERVER_TOKEN", raising=False)
     client_mod._current = None
     yield
+    # Objects of this test are released by threads that use the current connection: let them
+    # finish here, not during the next test.
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name.startswith("twinkle-release-"):
+            thread.join(30)
     if client_mod._current is not None:
         client_mod._current.close()
     client_mod._current = None
@@ -776,13 +783,14 @@ def test_events_are_emitted_at_call_time(fake: FakeTwinkle) -> None:
     assert seen[-1].kind == "load"
 
 
-def test_upload_to_hub_follows_the_server_upload(fake: FakeTwinkle, capsys: pytest.CaptureFixture) -> None:
+def test_upload_to_hub_follows_the_server_upload(fake: FakeTwinkle, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from twinkle_client import model as model_mod
 
     model = make_model()
     fake.uploads += [{"status": "queued"}, {"status": "running", "progress": "3/5 files"},
                      {"status": "completed"}]
-    model_mod.UPLOAD_POLL_S = (0.01, 0.01)
+    monkeypatch.setattr(model_mod, "UPLOAD_POLL_S", (0.01, 0.01))
     assert model.upload_to_hub("twinkle://run-default/weights/s1", "me/model") is None
     err = capsys.readouterr().err
     assert "queued" in err and "running (3/5 files)" in err and "completed" in err
@@ -805,7 +813,7 @@ def test_close_deletes_the_server_object_and_gc_stops_the_sender(fake: FakeTwink
     thread = other._twinkle_pipeline._thread
     assert thread is not None and thread.is_alive()
     del other
-    thread.join(timeout=5)
+    thread.join(timeout=30)
     assert not thread.is_alive()
 
 

@@ -14,8 +14,14 @@ from IPython.core.interactiveshell import InteractiveShell
 EXT = "twinkle_jupyter"
 
 
-def _twinkle_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("twinkle-loss-plot")]
+def _twinkle_threads(wait_s: float = 0.0) -> list[str]:
+    """The plot threads alive, after waiting up to ``wait_s`` for them to end."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        names = [t.name for t in threading.enumerate() if t.name.startswith("twinkle-loss-plot")]
+        if not names or time.monotonic() >= deadline:
+            return names
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -26,6 +32,7 @@ def ip(monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveShell]:
     import twinkle_client.client as connection
 
     saved = connection._current  # these tests point the current connection at a dead port
+    connection._current = None
     shell = InteractiveShell.instance()
     yield shell
     if EXT in shell.extension_manager.loaded:
@@ -62,7 +69,7 @@ def test_load_reload_unload_leave_nothing_behind(ip: InteractiveShell) -> None:
     ip.run_line_magic("reload_ext", EXT)
     assert len(_listeners()) == len(before["listeners"]) + 1
     assert len(ip.events.callbacks["post_run_cell"]) == len(before["post"]) + 1
-    assert not _twinkle_threads()
+    assert not _twinkle_threads(wait_s=10)  # a poll in progress ends first
     ip.run_line_magic("unload_ext", EXT)
     assert "twinkle" not in ip.magics_manager.magics["line"]
     assert ip.events.callbacks["pre_run_cell"] == before["pre"]
@@ -71,7 +78,7 @@ def test_load_reload_unload_leave_nothing_behind(ip: InteractiveShell) -> None:
     assert not [c for c in ip.configurables if type(c).__name__ == "TwinkleMagics"]
     assert _listeners() == before["listeners"]
     assert signal.getsignal(signal.SIGINT) == before["sigint"]
-    assert not _twinkle_threads()
+    assert not _twinkle_threads(wait_s=10)  # a poll in progress ends first
 
 
 def test_config_lists_and_validates_traits(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:

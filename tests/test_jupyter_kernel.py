@@ -333,17 +333,20 @@ def test_plot_updates_arrive_while_the_cell_blocks(kernel: tuple[Kernel, Any]) -
     # Slow the loop a little so the cell lasts a few seconds whatever the machine.
     result = k.ok(BLOCKING_LOOP.format(epochs=1, extra="time.sleep(0.15)").replace("seen = []", "import time\nseen = []"))
     comm = _plot_comm(result)
-    updates = [t for t, m in result.of_type("comm_msg")
-               if m["content"]["comm_id"] == comm and m["content"]["data"].get("method") == "update"
-               and "value" in m["content"]["data"].get("state", {})]
+    messages = [(t, m) for t, m in result.of_type("comm_msg")
+                if m["content"]["comm_id"] == comm and m["content"]["data"].get("method") == "update"
+                and "value" in m["content"]["data"].get("state", {})]
+    updates = [t for t, _ in messages]
+    # Spacing is judged on the kernel's send times: delivery to this process may bunch up.
+    sent = [m["header"]["date"].timestamp() for _, m in messages]
     (final_t, final), = result.of_type("update_display_data")
     loop_end = final_t
     during = [t for t in updates if t < loop_end - 0.5]
     assert len(during) >= 3, (updates, loop_end)  # pictures came while the loop was running
     assert updates[-1] <= result.idle_at
     # At most two per second, the final one included.
-    for a, b in zip(updates, updates[2:], strict=False):
-        assert b - a >= 0.85, updates  # sent >= 1 s apart; a little delivery jitter allowed
+    for a, b in zip(sent, sent[2:], strict=False):
+        assert b - a >= 0.95, sent  # sent >= 1 s apart
     assert "image/png" in final["content"]["data"]
     assert final["content"]["data"]["text/plain"].endswith("finished")
     # Nothing is printed from the plot's thread, in this cell or later.

@@ -158,7 +158,8 @@ def test_sigkill_mid_training_then_resume(start_server, add_user, tmp_path) -> N
     data_dir = tmp_path / "server"
     srv = start_server(data_dir)
     key = add_user(data_dir, "crashy")
-    init_twinkle_client(base_url=srv.url, api_key=key)
+    # A short retry budget: the trainer below gives up on the killed server soon after.
+    init_twinkle_client(base_url=srv.url, api_key=key, retry_timeout=5.0)
     dataset_cls, loader_cls, meta_cls, model_cls = remote_classes()
     loader = _pipeline(dataset_cls, loader_cls, meta_cls)
     model = _model(model_cls)
@@ -190,7 +191,8 @@ def test_sigkill_mid_training_then_resume(start_server, add_user, tmp_path) -> N
         assert not list(Path(data_dir).rglob(".tmp-*"))
 
     init_twinkle_client(base_url=srv.url, api_key=key)
-    trainer.join(5)
+    trainer.join(90)
+    assert not trainer.is_alive(), "the trainer did not give up on the killed server"
     dataset_cls, loader_cls, meta_cls, model_cls = remote_classes()
     model = model_cls(model_id=MODEL)
     model.add_adapter_to_model("default", LoraConfig(target_modules="all-linear", r=4), gradient_accumulation_steps=2)

@@ -70,13 +70,13 @@ def test_data_dir_from_environment(tmp_path: Path) -> None:
 
 
 def test_health_needs_no_key(server) -> None:
-    r = httpx.get(server.api + "/health")
+    r = httpx.get(server.api + "/health", timeout=60)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["version"]
     assert r.headers["x-request-id"]
 
 
 def _routes(server) -> list[tuple[str, str]]:
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = httpx.get(server.url + "/openapi.json", timeout=60).json()
     return [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
 
 
@@ -94,7 +94,7 @@ def test_every_route_but_health_needs_a_key(server) -> None:
             ({"Authorization": "Bearer not-a-key"}, "invalid API key"),
             ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing API key"),
         ):
-            r = httpx.request(method, url, headers={"Content-Type": "application/msgpack", **headers}, content=body)
+            r = httpx.request(method, url, headers={"Content-Type": "application/msgpack", **headers}, content=body, timeout=60)
             assert r.status_code == 401, (method, path, headers, r.status_code)
             error = RawBody.error(r)
             assert error["code"] == "unauthenticated" and error["message"] == message, (method, path, error)
@@ -113,20 +113,20 @@ def test_key_identifies_user_and_revocation_is_immediate(server, add_user) -> No
     name = f"rev-{uuid.uuid4().hex[:6]}"
     key = add_user(server.data_dir, name)
     headers = {"Authorization": f"Bearer {key}"}
-    info = httpx.get(server.api + "/server", headers=headers)
+    info = httpx.get(server.api + "/server", headers=headers, timeout=60)
     assert info.status_code == 200 and info.json()["user"] == name
     assert info.json()["base_model"] == "builtin://tiny-qwen2" and info.json()["max_loras"] == 16
     # A key with one character changed is refused.
     wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
-    assert httpx.get(server.api + "/server", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+    assert httpx.get(server.api + "/server", headers={"Authorization": f"Bearer {wrong}"}, timeout=60).status_code == 401
     assert cli("users", "revoke", name, "--data-dir", str(server.data_dir)).returncode == 0
-    r = httpx.get(server.api + "/server", headers=headers)
+    r = httpx.get(server.api + "/server", headers=headers, timeout=60)
     assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
 
 
 def test_keys_are_not_stored_in_plain_text(server, server_user: tuple[str, str]) -> None:
     _, key = server_user
-    assert httpx.get(server.api + "/server", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(server.api + "/server", headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
     raw = db_bytes(server.data_dir)
     assert key.encode() not in raw and key.split("_", 2)[2].encode() not in raw
     # ... and never in the server's log either.
@@ -135,4 +135,4 @@ def test_keys_are_not_stored_in_plain_text(server, server_user: tuple[str, str])
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
 def test_schema_is_public(server, path: str) -> None:
-    assert httpx.get(server.url + path).status_code == 200
+    assert httpx.get(server.url + path, timeout=60).status_code == 200

@@ -38,7 +38,7 @@ def two_users(server, add_user, raw_client, raw_helpers) -> SimpleNamespace:
 
 def test_every_route_with_ids_hides_other_users_things(two_users) -> None:
     t = two_users
-    spec = httpx.get(t.server.url + "/openapi.json").json()
+    spec = httpx.get(t.server.url + "/openapi.json", timeout=60).json()
     checked = 0
     body = codec.pack({"calls": [{"seq": 10_000, "method": "get_train_state"}]})
     for path, ops in spec["paths"].items():

@@ -380,4 +380,4 @@ def test_object_delete_frees_the_slot_and_detaches(flow, raw_client) -> None:
     assert c.get(f"/training_runs/{run_id['training_run_id']}").json()["status"] == "detached"
     r = c.calls(model, [("get_train_state", [], {})])
     assert r.status_code == 404 and c.body(r)["error"]["code"] == "not_found"
-    assert httpx.get(flow.server.api + "/health").status_code == 200
+    assert httpx.get(flow.server.api + "/health", timeout=60).status_code == 200
