@@ -215,7 +215,7 @@ def _start_jupyter(kind: str, workdir: Path, env: dict[str, str]) -> JupyterServ
     cmd = [
         sys.executable, "-m", "jupyterlab" if kind == "lab" else "notebook",
         "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        "--ServerApp.port_retries=50", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
         f"--{app}.expose_app_in_browser=True", "--ServerApp.shutdown_no_activity_timeout=0",
     ]
     log_path = workdir / f"jupyter-{kind}.log"
@@ -226,11 +226,17 @@ def _start_jupyter(kind: str, workdir: Path, env: dict[str, str]) -> JupyterServ
     import httpx
 
     headers = {"Authorization": f"token {token}"}
+    # The port may be taken between picking it and Jupyter binding it; Jupyter then moves on
+    # to another and says which in its runtime file.
+    runtime = Path(env["JUPYTER_RUNTIME_DIR"]) / f"jpserver-{process.pid}.json"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
+            if not runtime.exists():
+                raise httpx.ConnectError("not started yet")
+            server.url = f"http://127.0.0.1:{json.loads(runtime.read_text())['port']}/"
             if httpx.get(server.url + "api/status", headers=headers, timeout=2).status_code == 200:
                 if httpx.get(server.url + "twinkle/api/runs", headers=headers, timeout=30).status_code == 404:
                     server.stop()
@@ -239,7 +245,7 @@ def _start_jupyter(kind: str, workdir: Path, env: dict[str, str]) -> JupyterServ
                         "`make install`, or `jupyter server extension enable --sys-prefix twinkle_jupyter`"
                     )
                 return server
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):  # not up yet, or its runtime file half-written
             pass
         time.sleep(0.2)
     server.stop()
