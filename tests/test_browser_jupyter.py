@@ -234,8 +234,6 @@ def _start_jupyter(kind: str, workdir: Path, env: dict[str, str]) -> JupyterServ
         if process.poll() is not None:
             break
         try:
-            if not runtime.exists():
-                raise httpx.ConnectError("not started yet")
             server.url = f"http://127.0.0.1:{json.loads(runtime.read_text())['port']}/"
             if httpx.get(server.url + "api/status", headers=headers, timeout=2).status_code == 200:
                 if httpx.get(server.url + "twinkle/api/runs", headers=headers, timeout=30).status_code == 404:
@@ -245,7 +243,7 @@ def _start_jupyter(kind: str, workdir: Path, env: dict[str, str]) -> JupyterServ
                         "`make install`, or `jupyter server extension enable --sys-prefix twinkle_jupyter`"
                     )
                 return server
-        except (httpx.HTTPError, ValueError, KeyError):  # not up yet, or its runtime file half-written
+        except (OSError, ValueError, KeyError, httpx.HTTPError):  # no runtime file yet, half-written, not up
             pass
         time.sleep(0.2)
     server.stop()

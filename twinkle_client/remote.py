@@ -314,7 +314,10 @@ def on_current_client(send: Callable[[TwinkleClient], T], label: str, server: st
     the object with a clear error instead of sending its id to a stranger.
     """
     for _ in range(3):
-        client = current_client()
+        # An object's calls never make a client from the environment; only a creation may.
+        client = current_client() if server is None else peek_client()
+        if client is None:
+            raise StateError(f"{label}: there is no twinkle client; call init_twinkle_client(...)")
         if server is not None and client.base_url != server:
             raise StateError(
                 f"{label} lives on {server}, but the current twinkle client connects to "
@@ -345,8 +348,6 @@ def _release(pipeline: Pipeline, object_id: str) -> None:
     if failure is not None:
         log.warning("twinkle: %s: a call failed and the error was never read: %s", pipeline.label, failure)
     try:
-        if peek_client() is None:
-            return  # no connection left (it was reset): nothing to release over
         path = f"/objects/{object_id}"
         on_current_client(lambda c: c.transport.delete_json(path, retry=CLOSE_RETRY), pipeline.label, pipeline.server)
     except Exception as exc:
@@ -415,21 +416,16 @@ class RemoteObject:
         }
         # The key makes a creation retried after a lost reply return the same object.
         headers = {"Idempotency-Key": uuid.uuid4().hex}
-        sent_on: list[TwinkleClient] = []
-
-        def create(client: TwinkleClient) -> Any:
-            sent_on.append(client)
-            return client.transport.post_msgpack("/objects", payload, headers=headers)
-
-        data = on_current_client(create, type(self).__name__)
-        client = sent_on[-1]
+        server, data = on_current_client(
+            lambda c: (c.base_url, c.transport.post_msgpack("/objects", payload, headers=headers)), type(self).__name__
+        )
         try:
             info = ObjectInfo.model_validate(data)
         except Exception as exc:
             raise TwinkleError(f"the twinkle server sent a malformed object id: {exc}") from None
         self._twinkle_object_id = info.object_id
         label = f"{type(self).__name__} {info.object_id}"
-        self._twinkle_pipeline = Pipeline(label, info.object_id, client.base_url)
+        self._twinkle_pipeline = Pipeline(label, info.object_id, server)
         # Dropped without close() (e.g. `model = ...` run again): free the server object too,
         # or its adapter slot stays taken until the server's idle timeout.
         self._twinkle_finalizer = weakref.finalize(self, _release_later, self._twinkle_pipeline, info.object_id)
