@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.errors import TwinkleError
-from twinkle_client.types import API_PREFIX, CallBatch, CreateObjectRequest, ErrorInfo, ErrorResponse
+from twinkle.protocol.wire import API_PREFIX, CallBatch, CreateObjectRequest, ErrorInfo, ErrorResponse
 
 from . import __version__
 from .context import ServerContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from twinkle.errors import TwinkleError
-from twinkle_client.types import ErrorInfo
+from twinkle.protocol.wire import ErrorInfo
 
 log = logging.getLogger("twinkle_server")
 

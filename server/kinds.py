@@ -20,8 +20,9 @@ from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
 from twinkle.hub import canonical_model_id
 from twinkle.model import MultiLoraTransformersModel
+from twinkle.protocol.names import REMOTE_SCHEMES, is_hub_repo
 
-from .policy import REMOTE_SCHEMES, check_dataset_id, check_remote_id, is_hub_name
+from .policy import check_dataset_id, check_remote_id
 from .runs import MODEL_METHODS
 from .settings import Settings
 
@@ -117,7 +118,7 @@ def _model_id_as_named(given: Any, served: str, allow_local: bool) -> str:
     if given == served:
         return served
     if not allow_local:
-        if not given.startswith(REMOTE_SCHEMES) and is_hub_name(given):
+        if not given.startswith(REMOTE_SCHEMES) and is_hub_repo(given):
             return f"ms://{given}"
         check_remote_id(given, "model_id", allow_local=False)
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinkle.errors import CapacityError, NotFoundError
-from twinkle_client.types import CallResult, ObjectInfo
+from twinkle.protocol.wire import CallResult, ObjectInfo
 
 log = logging.getLogger("twinkle_server.objects")
 RESULTS_KEPT = 256

@@ -3,34 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError
-
-REMOTE_SCHEMES = ("builtin://", "ms://", "hf://")
-HUB_SCHEMES = ("ms://", "hf://")
-_HUB_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-_HUB_NAME = re.compile(f"{_HUB_PART}/{_HUB_PART}")
-"""``org/name``: letters, digits, ``_``, ``-``, ``.``; exactly one slash; each part starts with a letter or digit."""
-
-
-def is_hub_name(value: str) -> bool:
-    """True for an ``org/name`` hub repository id (without a scheme) that can name no server file
-    by itself: one slash, no leading ``/`` or ``.``, no ``..``."""
-    return bool(_HUB_NAME.fullmatch(value)) and ".." not in value
-
-
-def check_hub_id(value: str, what: str) -> None:
-    """Refuse an ``ms://``/``hf://`` id whose repository part is not ``org/name`` (``hf:///tmp/x``
-    or ``hf://twinkle_data/runs/..`` would make the hub libraries read the server's files)."""
-    for scheme in HUB_SCHEMES:
-        if value.startswith(scheme):
-            if not is_hub_name(value[len(scheme):]):
-                raise InvalidArgumentError(
-                    f"{what} {value[:200]!r} is not a hub id: write {scheme}org/name (letters, digits, '_', '-', '.')"
-                )
-            return
+from twinkle.protocol.names import REMOTE_SCHEMES, check_hub_id
 
 
 def check_remote_id(value: Any, what: str, *, allow_local: bool) -> None:

@@ -18,8 +18,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from twinkle.errors import InvalidArgumentError, NotFoundError, TwinkleError
-from twinkle_client import codec
-from twinkle_client.types import (
+from twinkle.protocol import codec
+from twinkle.protocol.wire import (
     Call,
     CallBatch,
     CallBatchResult,

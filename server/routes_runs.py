@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from twinkle_client.types import (
+from twinkle.protocol.wire import (
     Checkpoint,
     CheckpointsListResponse,
     Cursor,

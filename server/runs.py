@@ -28,8 +28,15 @@ from twinkle import checkpoint as ckpt
 from twinkle.api import api_methods
 from twinkle.errors import CheckpointError, InvalidArgumentError, NotFoundError, StateError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel
-from twinkle_client.codec import from_wire, to_wire
-from twinkle_client.types import TWINKLE_SCHEME, CheckpointPath, split_twinkle_path, twinkle_path
+from twinkle.protocol.codec import from_wire, to_wire
+from twinkle.protocol.names import (
+    TWINKLE_SCHEME,
+    check_adapter_name,
+    is_checkpoint_name,
+    split_twinkle_path,
+    twinkle_path,
+)
+from twinkle.protocol.wire import CheckpointPath
 
 from .policy import check_remote_id
 from .settings import Settings
@@ -41,9 +48,6 @@ E = TypeVar("E", bound=TwinkleError)
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")
 """Hidden folders beside checkpoints: an unfinished save, a replaced one, one being deleted."""
 
-_RUN_ID = re.compile(r"run-[0-9a-f]{12}")
-_CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,127}")
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
 
 MODEL_METHODS: dict[str, inspect.Signature] = {
     name: sig for name, (_, sig) in api_methods(MultiLoraTransformersModel).items()
@@ -75,7 +79,7 @@ def parse_twinkle_path(value: Any) -> tuple[str, str]:
     if not value.startswith(TWINKLE_SCHEME):
         raise InvalidArgumentError("pass a twinkle:// path; server paths are not accepted")
     parts = split_twinkle_path(value)
-    if parts is None or not _RUN_ID.fullmatch(parts[0]) or not _CHECKPOINT_NAME.fullmatch(parts[1]):
+    if parts is None:
         shown = value[:200].replace("\n", " ").replace("\r", " ")
         raise NotFoundError(f"no checkpoint {shown}")
     return parts
@@ -213,7 +217,7 @@ def _restore_replaced(weights: Path) -> list[str]:
     candidates: dict[str, list[Path]] = {}
     for folder in weights.iterdir():
         match = _OLD_FOLDER.fullmatch(folder.name)
-        if match and folder.is_dir() and _CHECKPOINT_NAME.fullmatch(match.group(1)):
+        if match and folder.is_dir() and is_checkpoint_name(match.group(1)):
             candidates.setdefault(match.group(1), []).append(folder)
     for name, olds in sorted(candidates.items()):
         target = weights / name
@@ -395,11 +399,7 @@ class ModelHandle:
         """Returns ``{"training_run_id": ...}`` (the contract in ``twinkle_client.types``)."""
         a = bound.arguments
         name = a["adapter_name"]
-        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
-            raise InvalidArgumentError(
-                "adapter name must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit; "
-                f"got {name!r}"
-            )
+        check_adapter_name(name)
         if name in self.links:
             raise InvalidArgumentError(f"adapter {name!r} already exists on this model")
         config = a["config"]
@@ -521,7 +521,7 @@ class ModelHandle:
                 "save_dir is chosen by the server; save(name) returns the checkpoint's twinkle:// path"
             )
         name = a["name"]
-        if isinstance(name, str) and _CHECKPOINT_NAME.fullmatch(name):
+        if is_checkpoint_name(name):
             self.book.check_not_uploading(link.run_id, name)
         a["save_dir"] = str(self.book.settings.run_weights_dir(link.run_id))
         folder = Path(self._invoke("save", bound))

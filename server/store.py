@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError, NotFoundError
-from twinkle_client.types import Checkpoint, MetricPoint, TrainingRun, twinkle_path
+from twinkle.protocol.names import twinkle_path
+from twinkle.protocol.wire import Checkpoint, MetricPoint, TrainingRun
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema.

@@ -7,18 +7,17 @@ after one). A hub token is handed to the upload and otherwise neither kept nor l
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinkle.errors import InvalidArgumentError, NotFoundError, first_line
-from twinkle_client.types import UploadStatus
+from twinkle.errors import NotFoundError, first_line
+from twinkle.protocol.names import split_hub_id
+from twinkle.protocol.wire import UploadStatus
 
 log = logging.getLogger("twinkle_server.uploads")
-_HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
 UPLOAD_TIMEOUT_S = 30.0
 MAX_JOBS_KEPT = 1000
 
@@ -44,20 +43,6 @@ class UploadJob:
         )
 
 
-def check_hub_model_id(hub_model_id: object) -> str:
-    """Refuse an obviously malformed repository id before starting a job for it."""
-    if not isinstance(hub_model_id, str):
-        raise InvalidArgumentError(f"hub_model_id must be a string, got {type(hub_model_id).__name__}")
-    repo = hub_model_id
-    for prefix in ("ms://", "hf://"):
-        repo = repo.removeprefix(prefix)
-    if not _HUB_REPO.fullmatch(repo):
-        raise InvalidArgumentError(
-            f"hub_model_id must look like 'org/name', 'ms://org/name' or 'hf://org/name', got {hub_model_id!r}"
-        )
-    return hub_model_id
-
-
 class UploadManager:
     """Starts upload threads and answers status queries, owner-checked."""
 
@@ -68,7 +53,7 @@ class UploadManager:
     def start(
         self, user_id: int, folder: Path, twinkle_path: str, hub_model_id: str, hub_token: str | None
     ) -> UploadJob:
-        check_hub_model_id(hub_model_id)
+        split_hub_id(hub_model_id, "hub_model_id")
         job = UploadJob(f"up-{secrets.token_hex(8)}", user_id, hub_model_id, twinkle_path)
         with self._lock:
             self._jobs[job.upload_id] = job

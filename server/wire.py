@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from twinkle.errors import InvalidArgumentError, TwinkleError
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 JSON = "application/json"
 MSGPACK = codec.CONTENT_TYPE

@@ -160,7 +160,7 @@ class RawClient:
         self.http.close()
 
     def post(self, path: str, data: Any, headers: dict[str, str] | None = None) -> Any:
-        from twinkle_client import codec
+        from twinkle.protocol import codec
 
         return self.http.post(
             path, content=codec.pack(codec.to_wire(data)),
@@ -170,7 +170,7 @@ class RawClient:
     @staticmethod
     def body(response: Any) -> Any:
         """The decoded body of a response, msgpack or JSON."""
-        from twinkle_client import codec
+        from twinkle.protocol import codec
 
         if response.headers.get("content-type", "").startswith(codec.CONTENT_TYPE):
             return codec.unpack(response.content)
@@ -190,7 +190,7 @@ class RawClient:
         return self.post(f"/objects/{object_id}/calls", {"calls": batch})
 
     def call(self, object_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        from twinkle_client import codec
+        from twinkle.protocol import codec
 
         r = self.calls(object_id, [(method, list(args), kwargs)])
         assert r.status_code == 200, (r.status_code, self.body(r))

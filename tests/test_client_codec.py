@@ -6,7 +6,7 @@ import pytest
 from peft import LoraConfig
 
 from twinkle.errors import InvalidArgumentError
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 
 def test_round_trip_of_known_values() -> None:

@@ -28,8 +28,8 @@ import twinkle_client
 from twinkle import errors
 from twinkle.dataloader import DataLoader as LocalDataLoader
 from twinkle.model import ForwardBackwardOutput
+from twinkle.protocol import codec, events, init_twinkle_client
 from twinkle_client import client as client_mod
-from twinkle_client import codec, events, init_twinkle_client
 from twinkle_client.client import TwinkleClient
 from twinkle_client.dataloader import DataLoader
 from twinkle_client.dataset import Dataset, DatasetMeta

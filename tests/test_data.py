@@ -548,7 +548,8 @@ def test_dataloader_on_encoded_dataset_with_processor(template):
 
 @pytest.mark.parametrize("dataset_id", ["hf:///etc", "hf://../x/y", "hf://tmp/../../etc", "ms:///etc/passwd", "hf://a/b/c"])
 def test_hub_ids_are_never_local_paths(dataset_id) -> None:
-    from twinkle.errors import NotFoundError
+    from twinkle.errors import InvalidArgumentError
 
-    with pytest.raises(NotFoundError, match="is not a hub id"):
+    # A malformed hub id is a bad argument everywhere (library, server, uploads), never "not found".
+    with pytest.raises(InvalidArgumentError, match="is not a hub id"):
         Dataset(DatasetMeta(dataset_id))

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 KEY = re.compile(r"tk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")
 

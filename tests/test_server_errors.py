@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from peft import LoraConfig
 
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 STATUS = {"invalid_argument": 400, "unknown_component": 400, "invalid_checkpoint": 400, "not_found": 404,
           "capacity": 409, "invalid_state": 409}

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from peft import LoraConfig
 
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from twinkle_server.store import MIGRATIONS, Store
 from twinkle_server.worker import DeviceWorker, WorkerStopped
 
-from twinkle_client import codec
+from twinkle.protocol import codec
 
 
 def test_worker_serves_users_round_robin_and_in_order() -> None:
@@ -169,7 +169,7 @@ def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
     from twinkle_server import runs
 
     from twinkle.errors import NotFoundError
-    from twinkle_client.types import twinkle_path
+    from twinkle.protocol.names import twinkle_path
 
     book, user, run = _book(tmp_path)
     weights = book.settings.run_weights_dir(run)
@@ -204,7 +204,7 @@ def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
 def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path) -> None:
     from twinkle_server import runs
 
-    from twinkle_client.types import twinkle_path
+    from twinkle.protocol.names import twinkle_path
 
     book, user, run = _book(tmp_path)
     weights = book.settings.run_weights_dir(run)
@@ -231,7 +231,7 @@ def test_no_delete_or_overwrite_while_uploading(tmp_path: Path) -> None:
     from twinkle_server.uploads import UploadJob
 
     from twinkle.errors import StateError
-    from twinkle_client.types import twinkle_path
+    from twinkle.protocol.names import twinkle_path
 
     model = _FakeModel()
     book, user, run = _book(tmp_path, model)

@@ -7,15 +7,13 @@ imported only when a hub id is used, so offline work never touches them.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
 from .errors import HubError, NotFoundError, first_line
+from .protocol.names import split_hub_id
 
 BUILTIN_MODELS = ("builtin://tiny-qwen2",)
-# A hub repository id: exactly "org/name", nothing that a hub SDK could take for a local path.
-HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _MS_LOGIN_LOCK = threading.Lock()
 BUILTIN_DATASETS = ("builtin://self-cognition",)
 
@@ -33,12 +31,6 @@ def split_id(resource_id: str) -> tuple[str, str]:
     if "://" in resource_id:
         raise NotFoundError(f"unknown id scheme in {resource_id!r}; use builtin://, ms://, hf:// or a local path")
     return "ms", resource_id
-
-
-def check_hub_repo_id(scheme: str, repo_id: str) -> None:
-    """Refuse a hub id that is not ``org/name`` (hub SDKs read ``hf:///tmp/x`` as a local path)."""
-    if not HUB_REPO_ID.fullmatch(repo_id) or ".." in repo_id:
-        raise NotFoundError(f"{scheme}://{repo_id} is not a hub id; use {scheme}://org/name")
 
 
 def canonical_model_id(model_id: str) -> str:
@@ -68,7 +60,7 @@ def resolve_model_dir(model_id: str) -> Path:
 
 def snapshot_download(scheme: str, repo_id: str, *, repo_type: str) -> str:
     """Download (or reuse the local cache of) a hub repository, with a clear offline error."""
-    check_hub_repo_id(scheme, repo_id)
+    split_hub_id(f"{scheme}://{repo_id}")
     try:
         if scheme == "ms":
             from modelscope import snapshot_download as ms_download
@@ -98,9 +90,7 @@ def upload_folder(folder: str | os.PathLike[str], hub_model_id: str, *, token: s
     ``hf://org/name`` goes to Hugging Face, ``ms://org/name`` or a bare ``org/name`` to
     ModelScope. Network failures surface as ``HubError`` within about ``timeout`` seconds.
     """
-    scheme, repo_id = split_id(hub_model_id) if "://" in hub_model_id else ("ms", hub_model_id)
-    if scheme not in ("ms", "hf") or repo_id.count("/") != 1:
-        raise NotFoundError(f"hub_model_id must look like 'org/name', 'ms://org/name' or 'hf://org/name', got {hub_model_id!r}")
+    scheme, repo_id = split_hub_id(hub_model_id, "hub_model_id")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
     try:

@@ -14,11 +14,19 @@ transformers) to mirror its API; importing this package alone does not.
 """
 
 from twinkle.errors import TwinkleError
+from twinkle.protocol.wire import (
+    Checkpoint,
+    CheckpointPath,
+    Cursor,
+    MetricsResponse,
+    ServerInfo,
+    TrainingRun,
+    UploadStatus,
+)
 
 from .client import TwinkleClient, current_client, init_twinkle_client
 from .events import TrainingEvent, subscribe
 from .lazy import Lazy, LazyOutput, LazyValue
-from .types import Checkpoint, CheckpointPath, Cursor, MetricsResponse, ServerInfo, TrainingRun, UploadStatus
 
 __version__ = "0.1.0"
 

@@ -17,10 +17,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from twinkle.errors import InvalidArgumentError, StateError, TwinkleError
-
-from .transport import DEFAULT_URL, NO_RETRY, RetryPolicy, Transport
-from .types import (
-    TWINKLE_SCHEME,
+from twinkle.protocol.names import TWINKLE_SCHEME, split_twinkle_path
+from twinkle.protocol.wire import (
     Checkpoint,
     CheckpointPath,
     CheckpointsListResponse,
@@ -32,8 +30,9 @@ from .types import (
     TrainingRun,
     TrainingRunsResponse,
     UploadStatus,
-    split_twinkle_path,
 )
+
+from .transport import DEFAULT_URL, NO_RETRY, RetryPolicy, Transport
 
 ENV_URL = "TWINKLE_SERVER_URL"
 ENV_TOKEN = "TWINKLE_SERVER_TOKEN"

@@ -16,11 +16,11 @@ from typing import Any
 
 from twinkle.errors import HubError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel as _LocalModel
+from twinkle.protocol.wire import CheckpointPath
 
 from .client import current_client
 from .events import TrainingEvent, emit
 from .remote import BoundCall, RemoteObject, derive_remote_class
-from .types import CheckpointPath
 
 __all__ = ["MultiLoraTransformersModel"]
 

@@ -31,12 +31,12 @@ from typing import Any, ClassVar, TypeVar
 
 from twinkle.api import api_methods
 from twinkle.errors import InvalidArgumentError, StateError, TwinkleError, error_from_code
+from twinkle.protocol import codec
+from twinkle.protocol.wire import CallBatchResult, CallResult, ErrorInfo, ObjectInfo
 
-from . import codec
 from .client import TwinkleClient, current_client, peek_client
 from .lazy import CallFuture, lazy_class_for
 from .transport import ClientClosedError, RetryPolicy
-from .types import CallBatchResult, CallResult, ErrorInfo, ObjectInfo
 
 log = logging.getLogger("twinkle_client")
 T = TypeVar("T")

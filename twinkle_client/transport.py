@@ -31,9 +31,8 @@ from twinkle.errors import (
     error_from_code,
     first_line,
 )
-
-from . import codec
-from .types import API_PREFIX, ErrorResponse
+from twinkle.protocol import codec
+from twinkle.protocol.wire import API_PREFIX, ErrorResponse
 
 log = logging.getLogger("twinkle_client.transport")
 

@@ -1,6 +1,6 @@
 """Datasets for training: ``Dataset`` (load, map, filter, encode, mix) and ``DatasetMeta``."""
 
+from ..protocol.dataset_meta import DatasetMeta
 from .dataset import Dataset
-from .meta import DatasetMeta
 
 __all__ = ["Dataset", "DatasetMeta"]

@@ -23,9 +23,10 @@ from .. import hub
 from ..api import api_method
 from ..errors import HubError, InvalidArgumentError, NotFoundError, StateError, first_line
 from ..preprocessor import Preprocessor
+from ..protocol.dataset_meta import DatasetMeta
+from ..protocol.names import is_hub_repo, split_hub_id
 from ..registry import REGISTRY
 from ..template import Template
-from .meta import DatasetMeta
 
 if TYPE_CHECKING:
     import datasets
@@ -41,7 +42,6 @@ NOT_DATA = {
     "dataset_dict.json",
     "state.json",
 }
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 MIX_SEED = 42
 ENCODED_COLUMNS = ("input_ids", "labels", "length")
 
@@ -362,7 +362,7 @@ def load_dataset(meta: DatasetMeta) -> datasets.Dataset:
     elif scheme == "local":
         ds = _load_local(meta, Path(rest))
     elif scheme == "hf":
-        hub.check_hub_repo_id("hf", rest)
+        split_hub_id(meta.dataset_id, "dataset")
         ds = _load_hf(meta, rest)
     else:
         folder = Path(hub.snapshot_download("ms", rest, repo_type="dataset"))
@@ -379,7 +379,7 @@ def _split_dataset_id(dataset_id: str) -> tuple[str, str]:
     scheme, rest = hub.split_id(dataset_id)
     if scheme == "ms" and not dataset_id.startswith("ms://"):
         looks_local = (
-            not HUB_ID.match(dataset_id)
+            not is_hub_repo(dataset_id)
             or dataset_id.startswith((".", "~"))
             or dataset_id.lower().endswith(DATA_SUFFIXES)
         )

@@ -1,6 +1,6 @@
 """The multi-LoRA model and what its calls return."""
 
+from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from .multi_lora import MultiLoraTransformersModel
-from .output import ForwardBackwardOutput, ForwardOutput
 
 __all__ = ["ForwardBackwardOutput", "ForwardOutput", "MultiLoraTransformersModel"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,22 +18,14 @@ from ..hub import canonical_model_id, resolve_model_dir, split_id
 from ..loss import Loss
 from ..paths import atomic_directory
 from ..processor import InputProcessor
+from ..protocol.names import check_adapter_name, check_checkpoint_name
+from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..registry import REGISTRY
 from ..template import Template
 from .adapter import AdapterState, ComponentSpec
-from .output import ForwardBackwardOutput, ForwardOutput
 
-_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,127}")
 # LoRA settings that would make an adapter touch more than its own low-rank weights.
 _REJECTED_LORA_FIELDS = {"modules_to_save": None, "trainable_token_indices": None}
-
-
-def _check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidArgumentError(
-            f"{kind} name must be 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit; got {name!r}"
-        )
-    return name
 
 
 def _default_device() -> torch.device:
@@ -121,7 +112,7 @@ class MultiLoraTransformersModel:
         seed: int = 42,
     ) -> None:
         """Add a LoRA adapter. Its weights start from ``seed``, so runs are reproducible."""
-        _check_name("adapter", adapter_name)
+        check_adapter_name(adapter_name)
         config = self._check_lora_config(config)
         if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
             raise InvalidArgumentError(
@@ -452,7 +443,7 @@ class MultiLoraTransformersModel:
     ) -> str:
         """Save the adapter (PEFT format) as ``<save_dir>/<name>``; with ``save_optimizer`` also
         the full training state. Returns the checkpoint's path. The write is atomic."""
-        _check_name("checkpoint", name)
+        check_checkpoint_name(name)
         with self._lock:
             state = self._adapter(adapter_name)
             if save_optimizer and state.optimizer is None:

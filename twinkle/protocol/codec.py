@@ -8,6 +8,7 @@ string is ever re-parsed, so a value arrives exactly as it was sent.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from twinkle.errors import InvalidArgumentError, first_line
+from .errors import InvalidArgumentError, first_line
 
 CONTENT_TYPE = "application/msgpack"
 _ND = "__nd__"
@@ -46,34 +47,34 @@ def _lora_from_dict(data: dict[str, Any]) -> Any:
         raise InvalidArgumentError(f"bad LoraConfig: {exc}") from None
 
 
-def _dataset_meta() -> type:
-    from twinkle.dataset import DatasetMeta
+def _is_lora_config(value: Any) -> bool:
+    # Recognised without importing peft (and torch): the client never needs either.
+    return any(c.__name__ == "LoraConfig" and c.__module__.startswith("peft") for c in type(value).__mro__)
 
-    return DatasetMeta
 
+def _value_types() -> dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], Callable[[Any], Any]]]:
+    """name -> (is one, to plain data, from plain data)."""
+    from .dataset_meta import DatasetMeta
+    from .outputs import ForwardBackwardOutput, ForwardOutput
+    from .wire import CheckpointPath
 
-def _value_types() -> dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]]:
-    """name -> (class, to plain data, from plain data)."""
-    from peft import LoraConfig
-
-    from twinkle.model.output import ForwardBackwardOutput, ForwardOutput
-
-    from .types import CheckpointPath
-
-    meta = _dataset_meta()
-    table: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = {
-        "DatasetMeta": (meta, lambda m: m.to_dict(), meta.from_dict),
-        "LoraConfig": (LoraConfig, _lora_to_dict, _lora_from_dict),
+    table: dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], Callable[[Any], Any]]] = {
+        "DatasetMeta": (lambda v: type(v) is DatasetMeta, lambda m: m.to_dict(), DatasetMeta.from_dict),
+        "LoraConfig": (_is_lora_config, _lora_to_dict, _lora_from_dict),
     }
     for cls in (ForwardBackwardOutput, ForwardOutput, CheckpointPath):
-        table[cls.__name__] = (cls, lambda m: {k: getattr(m, k) for k in type(m).model_fields}, cls.model_validate)
+        table[cls.__name__] = (
+            lambda v, cls=cls: type(v) is cls,
+            lambda m: {k: getattr(m, k) for k in type(m).model_fields},
+            cls.model_validate,
+        )
     return table
 
 
-_TABLE: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] | None = None
+_TABLE: dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], Callable[[Any], Any]]] | None = None
 
 
-def _table() -> dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]]:
+def _table() -> dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], Callable[[Any], Any]]]:
     global _TABLE
     if _TABLE is None:
         _TABLE = _value_types()
@@ -122,15 +123,14 @@ def to_wire(value: Any, ref_of: Callable[[Any], str | None] | None = None) -> An
         ref = ref_of(value)
         if ref is not None:
             return {_REF: ref}
-    import torch
-
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
+    if torch is not None and isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         return _array(tensor.numpy())
-    for name, (cls, dump, _) in _table().items():
-        if type(value) is cls:
+    for name, (is_one, dump, _) in _table().items():
+        if is_one(value):
             return {_TYPE: name, "value": to_wire(dump(value), ref_of)}
     raise InvalidArgumentError(f"cannot send a value of type {type(value).__name__} to the server")
 

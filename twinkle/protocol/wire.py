@@ -37,23 +37,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 API_PREFIX = "/api/v1"
-TWINKLE_SCHEME = "twinkle://"
-
-
-def twinkle_path(run_id: str, name: str) -> str:
-    """``twinkle://<run_id>/weights/<name>``: how a checkpoint is named on the wire."""
-    return f"{TWINKLE_SCHEME}{run_id}/weights/{name}"
-
-
-def split_twinkle_path(value: str) -> tuple[str, str] | None:
-    """``(run_id, name)`` of a ``twinkle_path``; None for a string of another shape.
-    The parts are not checked: the server validates them, the client only routes them."""
-    if not value.startswith(TWINKLE_SCHEME):
-        return None
-    parts = value[len(TWINKLE_SCHEME):].split("/")
-    if len(parts) != 3 or parts[1] != "weights":
-        return None
-    return parts[0], parts[2]
 
 
 class _Model(BaseModel):

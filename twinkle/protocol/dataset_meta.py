@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from .errors import InvalidArgumentError
 
 DataSlice = range | slice | list[int] | None
 
