@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from twinkle.errors import InvalidArgumentError, StateError, TwinkleError
+from twinkle.errors import InvalidArgumentError, StateError, TransportError, TwinkleError
 from twinkle.protocol.names import TWINKLE_SCHEME, split_twinkle_path
 from twinkle.protocol.wire import (
     Checkpoint,
@@ -118,6 +118,15 @@ class TwinkleClient:
             return True
         except Exception:  # any failure at all means "not healthy"
             return False
+
+    def require_reachable(self, timeout: float = 5.0) -> None:
+        """Raise ``TransportError`` at once unless the server answers its health route.
+
+        Management calls retry an unreachable server for a minute; an interactive caller (a
+        magic, a browser, a live plot) should learn at once that it is down.
+        """
+        if not self.health_check(timeout):
+            raise TransportError(f"cannot reach the twinkle server at {self.base_url}")
 
     def get_server_info(self) -> ServerInfo:
         """The server's base model, adapter capacity, device and the user the key belongs to."""

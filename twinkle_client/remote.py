@@ -35,6 +35,7 @@ from twinkle.protocol import codec
 from twinkle.protocol.wire import CallBatchResult, CallResult, ErrorInfo, ObjectInfo
 
 from .client import TwinkleClient, current_client, peek_client
+from .interrupt import check_stop
 from .lazy import CallFuture, lazy_class_for
 from .transport import ClientClosedError, RetryPolicy
 
@@ -508,6 +509,8 @@ def _dispatch(self: RemoteObject, name: str, values: dict[str, Any]) -> Any:
         self._twinkle_create(args, kwargs)
         return None
     mark = cls._twinkle_api[name]
+    if mark.name == "forward_backward":
+        check_stop(mark.name)
     call = BoundCall(name=name, method=mark.name, deferred=mark.deferred, args=args, kwargs=kwargs, values=filled)
     handler = cls._twinkle_handlers.get(mark.name)
     if handler is not None:
