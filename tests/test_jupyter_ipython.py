@@ -102,11 +102,12 @@ def test_config_lists_and_validates_traits(ip: InteractiveShell, capsys: pytest.
 @pytest.mark.parametrize(
     "line, expected",
     [
-        ("%twinkle frobnicate", "unknown command 'frobnicate'"),
+        ("%twinkle frobnicate", "invalid choice: 'frobnicate'"),
         ("%twinkle plot --x sideways", "invalid choice"),
-        ("%twinkle resume", "the following arguments are required: run"),
+        ("%twinkle resume", "the following arguments are required: RUN"),
         ("%twinkle checkpoints a b", "unrecognized arguments"),
-        ("%twinkle runs --limit 0", "--limit must be >= 1"),
+        ("%twinkle runs --limit 0", "argument --limit: must be >= 1"),
+        ("%twinkle plot --smoothing 1.5", "smoothing must be in [0, 1)"),
         ('%twinkle plot "unclosed', "No closing quotation"),
     ],
 )
@@ -157,16 +158,25 @@ def _emit(kind: str = "forward_backward", run_id: str = "run-fake") -> None:
     emit(TrainingEvent(kind=kind, model=_FakeModel(), run_id=run_id, method=kind))
 
 
+def _forward_backward(run_id: str = "run-fake") -> None:
+    """A remote model's forward_backward without a server: the client honours a stop request
+    right before it queues the call, then emits the event."""
+    from twinkle_client.interrupt import check_stop
+
+    check_stop("forward_backward")
+    _emit("forward_backward", run_id)
+
+
 def test_ctrl_c_stops_at_the_next_model_call_and_restores_the_handler(ip: InteractiveShell) -> None:
     ip.run_line_magic("load_ext", EXT)
     ip.run_cell("%config TwinkleMagics.auto_plot = False")
-    ip.user_ns["_emit"] = _emit
+    ip.user_ns["_forward_backward"] = _forward_backward
     before = signal.getsignal(signal.SIGINT)
     cell = (
         "import os, signal\n"
         "calls = 0\n"
         "for i in range(5):\n"
-        "    _emit()\n"
+        "    _forward_backward()\n"
         "    calls += 1\n"
         "    if i == 1:\n"
         "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while 'training'\n"
@@ -179,8 +189,8 @@ def test_ctrl_c_stops_at_the_next_model_call_and_restores_the_handler(ip: Intera
     assert signal.getsignal(signal.SIGINT) == before
     # A second Ctrl-C interrupts at once, without waiting for a model call.
     cell2 = (
-        "import os, signal, time\n"
-        "_emit()\n"
+        "import os, signal\n"
+        "_forward_backward()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "reached = False\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"

@@ -107,16 +107,6 @@ class _Browser(widgets.VBox):
     def client(self) -> Any:
         return current_client(self._client)
 
-    def _reachable(self) -> Any:
-        """The client, after a quick health check: management calls retry a down server for a
-        minute, a browser should say so at once."""
-        client = self.client
-        if not client.health_check():
-            from twinkle.errors import TransportError
-
-            raise TransportError(f"cannot reach the twinkle server at {client.base_url}")
-        return client
-
     def _say(self, text: str, *, error: bool = False) -> None:
         color = "#a00" if error else "#333"
         self.status.value = f'<div style="font-size:12px;color:{color}">{html.escape(text)}</div>'
@@ -228,10 +218,12 @@ class RunBrowser(_Browser):
     def page(self, offset: int) -> None:
         """Show the page starting at run ``offset`` (clamped to the runs there are)."""
         offset = max(0, int(offset))
-        runs, cursor = self._reachable().list_training_runs_with_cursor(limit=self.page_size, offset=offset)
+        client = self.client
+        client.require_reachable()  # the listing retries a down server for a minute; say so at once
+        runs, cursor = client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
         if not runs and offset > 0 and cursor.total_count:
             offset = max(0, (cursor.total_count - 1) // self.page_size * self.page_size)
-            runs, cursor = self.client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
+            runs, cursor = client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
         self.runs, self.offset, self.total = list(runs), offset, cursor.total_count
         self._rows = [
             [
@@ -377,7 +369,9 @@ class CheckpointBrowser(_Browser):
     def refresh(self) -> None:
         """Fetch the run's checkpoints again."""
         self.title.value = f'<b style="font-size:13px">Checkpoints of {html.escape(self.run_id)}</b>'
-        self.checkpoints = sorted(self._reachable().list_checkpoints(self.run_id), key=lambda c: (c.step, c.time))
+        client = self.client
+        client.require_reachable()  # the listing retries a down server for a minute; say so at once
+        self.checkpoints = sorted(client.list_checkpoints(self.run_id), key=lambda c: (c.step, c.time))
         self._rows = [
             [c.checkpoint_id, str(c.step), _when(c.time), _size(c.size_bytes), _loss(c.loss),
              "yes" if c.has_optimizer else "no", c.twinkle_path]

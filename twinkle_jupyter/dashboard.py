@@ -30,10 +30,6 @@ from tornado import web
 from traitlets import Float, Unicode
 
 _RUN_ID = r"(?P<run_id>[A-Za-z0-9][\w.-]{0,127})"
-# twinkle error code -> HTTP status of the dashboard's answer. A key the twinkle server refuses
-# is the Jupyter server's configuration problem, not the browser user's: 502, never 401/403
-# (which would look like the Jupyter login failing).
-_STATUS = {"not_found": 404, "invalid_argument": 400, "unauthenticated": 502, "unavailable": 502}
 _NOT_CONFIGURED = (
     "no twinkle server configured for this Jupyter server: set c.TwinkleDashboardApp.server_url "
     "(or TWINKLE_SERVER_URL in the Jupyter server's environment) and restart it"
@@ -147,6 +143,22 @@ class _NotConfigured(Exception):
     pass
 
 
+def answer_status(err: Exception) -> int:
+    """The HTTP status of the dashboard's answer when asking the twinkle server raised ``err``.
+
+    Only errors about what the browser asked for keep the twinkle server's status: a run that
+    is not there (or not the key's: 404) and a bad argument (400). Anything else is the twinkle
+    server's or the Jupyter server's problem, so 502 Bad Gateway: a key the twinkle server
+    refuses is the Jupyter server's configuration, never a 401/403 (which would look like the
+    Jupyter login failing), and a twinkle server that is down is a gateway failure too.
+    """
+    from twinkle.errors import InvalidArgumentError, NotFoundError
+
+    if isinstance(err, NotFoundError | InvalidArgumentError) and err.status in (400, 404):
+        return err.status
+    return 502
+
+
 class _Api(ExtensionHandlerMixin, APIHandler):
     """Read-only JSON over one twinkle_client call. There are no write routes (POST etc.: 405)."""
 
@@ -171,7 +183,7 @@ class _Api(ExtensionHandlerMixin, APIHandler):
             self.finish(json.dumps({"error": app.scrub(str(err))}))
             return
         except TwinkleError as err:
-            self.set_status(_STATUS.get(err.code, 502))
+            self.set_status(answer_status(err))
             self.finish(json.dumps({"error": app.scrub(str(err))}))
             return
         except Exception as err:  # a bug or a broken reply: logged here, one line there

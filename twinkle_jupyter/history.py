@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .settings import DEFAULTS, MIN_POINTS, check
+
 __all__ = [
     "EMA",
     "BoundedSeries",
@@ -57,10 +59,8 @@ class EMA:
 
     __slots__ = ("weight", "_acc", "_n")
 
-    def __init__(self, weight: float = 0.6) -> None:
-        if not 0.0 <= weight < 1.0:
-            raise ValueError(f"smoothing weight must be in [0, 1), got {weight!r}")
-        self.weight = float(weight)
+    def __init__(self, weight: float = DEFAULTS.smoothing) -> None:
+        self.weight = check("smoothing", weight)
         self._acc = 0.0
         self._n = 0
 
@@ -113,10 +113,8 @@ class BoundedSeries:
     Appending is amortized O(1); :meth:`items` is O(max_points).
     """
 
-    def __init__(self, max_points: int = 1000, key: Callable[[Any], float] | None = None) -> None:
-        if max_points < 8:
-            raise ValueError(f"max_points must be >= 8, got {max_points}")
-        self.max_points = int(max_points)
+    def __init__(self, max_points: int = DEFAULTS.max_points, key: Callable[[Any], float] | None = None) -> None:
+        self.max_points = check("max_points", max_points)
         self._key = key or (lambda item: item)
         self._first: Any = None
         self._last: Any = None
@@ -378,8 +376,8 @@ class RunHistory:
     """
 
     run_id: str
-    max_points: int = 1000
-    smoothing: float = 0.6
+    max_points: int = DEFAULTS.max_points
+    smoothing: float = DEFAULTS.smoothing
     revision: int | None = None
     total_steps: int | None = None
     current: BoundedSeries = field(init=False)
@@ -396,7 +394,8 @@ class RunHistory:
 
     def __post_init__(self) -> None:
         self.current = BoundedSeries(self.max_points, key=lambda r: r.loss)
-        self.superseded = BoundedSeries(max(8, self.max_points // 2), key=lambda r: r.loss)
+        # Abandoned branches get half the budget: they are drawn thin and grey.
+        self.superseded = BoundedSeries(max(MIN_POINTS, self.max_points // 2), key=lambda r: r.loss)
         self._ema = EMA(self.smoothing)
         self._cursor = 0
         self._loaded = False
@@ -436,8 +435,7 @@ class RunHistory:
 
     def set_smoothing(self, weight: float) -> None:
         """Change the EMA weight. The caller must refetch (``reset()``) to recompute it exactly."""
-        EMA(weight)  # validates
-        self.smoothing = weight
+        self.smoothing = check("smoothing", weight)
 
     def ingest(self, response: Any) -> bool:
         """Fold a ``MetricsResponse`` (or an equivalent dict) in; returns whether anything changed.

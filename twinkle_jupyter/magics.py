@@ -3,13 +3,16 @@
 Settings are ``%config TwinkleMagics.<name> = value`` (or ``c.TwinkleMagics.<name>`` in
 ``ipython_config.py``). A twinkle error (server down, wrong key, a run that is not yours, a
 checkpoint that does not fit) prints one line, never a traceback, and the cell succeeds, so
-"Run all" in a notebook is not derailed by a monitoring line. Wrong arguments raise
-IPython's ``UsageError`` (also one line).
+"Run all" in a notebook is not derailed by a monitoring line. The command line is parsed by
+argparse (``%twinkle help`` is its help text); wrong arguments raise IPython's ``UsageError``
+(also one line). The settings' defaults, help texts and bounds are those of
+:mod:`twinkle_jupyter.settings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import html
 import os
@@ -23,31 +26,108 @@ from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
 
 from .connection import current_client, one_line_error
+from .settings import SETTINGS, X_AXES, check
 
 __all__ = ["TwinkleMagics"]
 
-HELP = """\
-%twinkle connect [URL]             connect (key from $TWINKLE_SERVER_TOKEN, else a hidden prompt)
-%twinkle status                    server, user, base model, free adapter slots
-%twinkle runs [--limit N]          your training runs (browser: plot, checkpoints, compare)
-%twinkle checkpoints RUN           a run's checkpoints (browser: resume, copy path, delete)
-%twinkle plot [RUN ...]            a live loss plot (several runs are overlaid; default: the newest run)
-%twinkle resume RUN [CKPT|latest]  put a checkpoint back into the notebook's model and dataloader
-Settings: %config TwinkleMagics"""
+
+class _HelpShown(Exception):
+    """``-h``/``--help`` printed a help text: the line is done."""
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad line as one ``UsageError`` instead of exiting."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        raise UsageError(f"%twinkle {self.prog.split()[-1]}: {message}")
+        raise UsageError(f"{self.prog}: {message}")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:  # type: ignore[override]
-        raise UsageError(message.strip() if message else "%twinkle: see %twinkle help")
+        if status == 0 and not message:
+            raise _HelpShown
+        raise UsageError(message.strip() if message else f"{self.prog}: see %twinkle help")
 
 
-def _parser(name: str) -> _Parser:
-    return _Parser(prog=f"%twinkle {name}", add_help=False, allow_abbrev=False)
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, max_help_position=32, width=100)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _setting_type(name: str) -> Any:
+    """An argparse ``type`` that checks a value against setting ``name``'s bound."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+        try:
+            return check(name, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+@functools.cache
+def _parser() -> _Parser:
+    """The ``%twinkle`` command line: its subcommands, their arguments and the help text."""
+    parser = _Parser(
+        prog="%twinkle", formatter_class=_formatter, allow_abbrev=False,
+        description="twinkle from the notebook: connect, browse runs and checkpoints, plot, resume.",
+        epilog="%twinkle help COMMAND (or %twinkle COMMAND -h) shows a command's arguments. "
+               "Settings: %config TwinkleMagics",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+
+    def command(name: str, summary: str, handler: str, *, aliases: tuple[str, ...] = ()) -> _Parser:
+        sub = commands.add_parser(name, aliases=list(aliases), help=summary, description=summary,
+                                  formatter_class=_formatter, allow_abbrev=False)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    p = command("help", "this help, or a command's", "_help")
+    p.add_argument("topic", nargs="?", metavar="COMMAND", help="the command to explain")
+    p = command("connect", "connect (key from $TWINKLE_SERVER_TOKEN, else a hidden prompt)", "_connect")
+    p.add_argument("url", nargs="?", metavar="URL",
+                   help="the server (default: TwinkleMagics.server_url, else $TWINKLE_SERVER_URL)")
+    command("status", "server, user, base model, free adapter slots", "_status")
+    p = command("runs", "your training runs (browser: plot, checkpoints, compare)", "_runs")
+    p.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
+                   help="runs per page (default: TwinkleMagics.page_size)")
+    p = command("checkpoints", "a run's checkpoints (browser: resume, copy path, delete)", "_checkpoints",
+                aliases=("ckpts",))
+    p.add_argument("run", metavar="RUN", help="the training run id")
+    p = command("plot", "a live loss plot (several runs are overlaid; default: the newest run)", "_plot")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="training run ids")
+    p.add_argument("--x", choices=X_AXES, default=None, dest="x_axis", help="the x axis")
+    p.add_argument("--log", action="store_true", default=None, dest="log_scale", help="log scale for the loss")
+    p.add_argument("--smoothing", type=_setting_type("smoothing"), default=None, metavar="W",
+                   help="EMA weight of the smoothed loss, in [0, 1)")
+    p = command("resume", "put a checkpoint back into the notebook's model and dataloader", "_resume")
+    p.add_argument("run", metavar="RUN", help="the training run id")
+    p.add_argument("checkpoint", nargs="?", default="latest", metavar="CKPT",
+                   help="a checkpoint id, path or 'latest' (default)")
+    p.add_argument("--model", default=None, help="the variable holding the model to resume into")
+    return parser
+
+
+def _trait(name: str) -> Any:
+    """The ``%config`` trait of setting ``name`` (default, help text and choices from the settings)."""
+    setting = SETTINGS[name]
+    if setting.choices is not None:
+        return Enum(list(setting.choices), setting.default, help=setting.help).tag(config=True)
+    kind = {bool: Bool, int: Int, float: Float}[type(setting.default)]
+    return kind(setting.default, help=setting.help).tag(config=True)
 
 
 @magics_class
@@ -57,43 +137,25 @@ class TwinkleMagics(Magics):
     server_url = Unicode(
         "", help="Default URL for %twinkle connect (else $TWINKLE_SERVER_URL, else http://127.0.0.1:8000)."
     ).tag(config=True)
-    poll_interval = Float(0.5, help="Seconds between metric fetches of a live plot.").tag(config=True)
-    max_redraw_hz = Float(2.0, help="At most this many plot updates per second.").tag(config=True)
-    max_points = Int(1000, help="Steps kept per run (older ones downsampled; first/last/extremes kept).").tag(
-        config=True
-    )
-    smoothing = Float(0.6, help="EMA weight of the smoothed loss, in [0, 1).").tag(config=True)
-    x_axis = Enum(["step", "time"], "step", help="x axis of new plots: 'step' or 'time'.").tag(config=True)
-    log_scale = Bool(False, help="Log scale for the loss axis of new plots.").tag(config=True)
-    auto_plot = Bool(True, help="Open a live plot when a twinkle model trains in a cell.").tag(config=True)
-    stop_between_calls = Bool(
-        True, help="Ctrl-C during training stops at the next model call (a second Ctrl-C at once)."
-    ).tag(config=True)
-    show_controls = Bool(True, help="Show x axis / log scale / smoothing controls above plots.").tag(config=True)
-    plot_width = Int(720, help="Plot width in pixels.").tag(config=True)
-    plot_height = Int(420, help="Plot height in pixels.").tag(config=True)
-    page_size = Int(20, help="Rows per page of the run browser.").tag(config=True)
+    poll_interval = _trait("poll_interval")
+    max_redraw_hz = _trait("max_redraw_hz")
+    max_points = _trait("max_points")
+    smoothing = _trait("smoothing")
+    x_axis = _trait("x_axis")
+    log_scale = _trait("log_scale")
+    auto_plot = _trait("auto_plot")
+    stop_between_calls = _trait("stop_between_calls")
+    show_controls = _trait("show_controls")
+    plot_width = _trait("plot_width")
+    plot_height = _trait("plot_height")
+    page_size = _trait("page_size")
 
-    @validate("smoothing")
-    def _check_smoothing(self, proposal: Any) -> float:
-        value = float(proposal["value"])
-        if not 0 <= value < 1:
-            raise TraitError(f"smoothing must be in [0, 1), got {value}")
-        return value
-
-    @validate("poll_interval", "max_redraw_hz")
-    def _check_positive(self, proposal: Any) -> float:
-        value = float(proposal["value"])
-        if value <= 0:
-            raise TraitError(f"{proposal['trait'].name} must be > 0, got {value}")
-        return value
-
-    @validate("max_points")
-    def _check_points(self, proposal: Any) -> int:
-        value = int(proposal["value"])
-        if value < 16:
-            raise TraitError(f"max_points must be >= 16, got {value}")
-        return value
+    @validate(*(name for name, setting in SETTINGS.items() if setting.validate is not None))
+    def _check_setting(self, proposal: Any) -> Any:
+        try:
+            return check(proposal["trait"].name, proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
 
     # ------------------------------------------------------------------ dispatch
 
@@ -104,23 +166,12 @@ class TwinkleMagics(Magics):
             words = shlex.split(line)
         except ValueError as exc:
             raise UsageError(f"%twinkle: {exc}") from None
-        if not words or words[0] in ("help", "-h", "--help"):
-            print(HELP)
-            return None
-        command, args = words[0], words[1:]
-        handler = {
-            "connect": self._connect,
-            "status": self._status,
-            "runs": self._runs,
-            "checkpoints": self._checkpoints,
-            "ckpts": self._checkpoints,
-            "plot": self._plot,
-            "resume": self._resume,
-        }.get(command)
-        if handler is None:
-            raise UsageError(f"%twinkle: unknown command {command!r}; try %twinkle help")
         try:
-            handler(args)
+            args = _parser().parse_args(words or ["help"])
+        except _HelpShown:
+            return None
+        try:
+            getattr(self, args.handler)(args)
         except UsageError:
             raise
         except Exception as exc:
@@ -133,18 +184,18 @@ class TwinkleMagics(Magics):
 
     # ------------------------------------------------------------------ commands
 
-    def _reachable(self, client: Any) -> None:
-        # get_* retry an unreachable server for a minute; a down server should answer now.
-        if not client.health_check():
-            from twinkle.errors import TransportError
+    def _help(self, args: argparse.Namespace) -> None:
+        parser = _parser()
+        if args.topic is None:
+            print(parser.format_help().rstrip())
+            return
+        try:
+            parser.parse_args([args.topic, "--help"])
+        except _HelpShown:
+            pass
 
-            raise TransportError(f"cannot reach the twinkle server at {client.base_url}")
-
-    def _connect(self, args: list[str]) -> None:
-        p = _parser("connect")
-        p.add_argument("url", nargs="?")
-        ns = p.parse_args(args)
-        url = ns.url or self.server_url or os.environ.get("TWINKLE_SERVER_URL") or None
+    def _connect(self, args: argparse.Namespace) -> None:
+        url = args.url or self.server_url or os.environ.get("TWINKLE_SERVER_URL") or None
         key = os.environ.get("TWINKLE_SERVER_TOKEN")
         if not key:
             # getpass: typed hidden, never echoed, never part of the cell or its output.
@@ -153,7 +204,7 @@ class TwinkleMagics(Magics):
 
         # Check the new URL and key before replacing a connection that works.
         with TwinkleClient(base_url=url, api_key=key or None) as probe:
-            self._reachable(probe)
+            probe.require_reachable()
             probe.get_server_info()
         client = init_twinkle_client(base_url=url, api_key=key or None)
         info = client.get_server_info()
@@ -162,49 +213,34 @@ class TwinkleMagics(Magics):
             f"(base model {info.base_model}, {info.free_slots}/{info.max_loras} adapter slots free)"
         )
 
-    def _status(self, args: list[str]) -> None:
-        _parser("status").parse_args(args)
+    # Each command asks the health route first (require_reachable): the calls after it retry
+    # an unreachable server for a minute, a magic should say at once that it is down.
+
+    def _status(self, args: argparse.Namespace) -> None:
         client = current_client()
-        self._reachable(client)
+        client.require_reachable()
         info = client.get_server_info()
         display(ServerStatus(client.base_url, info))
 
-    def _runs(self, args: list[str]) -> None:
-        p = _parser("runs")
-        p.add_argument("--limit", type=int, default=None)
-        ns = p.parse_args(args)
-        if ns.limit is not None and ns.limit < 1:
-            raise UsageError("%twinkle runs: --limit must be >= 1")
-        client = current_client()
-        self._reachable(client)
+    def _runs(self, args: argparse.Namespace) -> None:
+        current_client().require_reachable()
         from .browsers import RunBrowser
 
-        browser = RunBrowser(page_size=ns.limit or self.page_size, namespace=self.shell.user_ns)
+        browser = RunBrowser(page_size=args.limit or self.page_size, namespace=self.shell.user_ns)
         display(browser)
 
-    def _checkpoints(self, args: list[str]) -> None:
-        p = _parser("checkpoints")
-        p.add_argument("run")
-        ns = p.parse_args(args)
+    def _checkpoints(self, args: argparse.Namespace) -> None:
         client = current_client()
-        self._reachable(client)
-        client.get_training_run(ns.run)  # a run that is not yours fails here, in one line
+        client.require_reachable()
+        client.get_training_run(args.run)  # a run that is not yours fails here, in one line
         from .browsers import CheckpointBrowser
 
-        display(CheckpointBrowser(ns.run, namespace=self.shell.user_ns))
+        display(CheckpointBrowser(args.run, namespace=self.shell.user_ns))
 
-    def _plot(self, args: list[str]) -> None:
-        p = _parser("plot")
-        p.add_argument("runs", nargs="*")
-        p.add_argument("--x", choices=["step", "time"], default=None, dest="x_axis")
-        p.add_argument("--log", action="store_true", default=None, dest="log_scale")
-        p.add_argument("--smoothing", type=float, default=None)
-        ns = p.parse_args(args)
-        if ns.smoothing is not None and not 0 <= ns.smoothing < 1:
-            raise UsageError("%twinkle plot: --smoothing must be in [0, 1)")
+    def _plot(self, args: argparse.Namespace) -> None:
         client = current_client()
-        self._reachable(client)
-        runs = list(dict.fromkeys(ns.runs))
+        client.require_reachable()
+        runs = list(dict.fromkeys(args.runs))
         if not runs:
             newest = client.list_training_runs(limit=1)
             if not newest:
@@ -214,23 +250,17 @@ class TwinkleMagics(Magics):
         for run_id in runs:
             client.get_training_run(run_id)  # a run that is not yours fails here, in one line
         session = self._session()
-        overrides = {k: v for k, v in (("x_axis", ns.x_axis), ("log_scale", ns.log_scale),
-                                       ("smoothing", ns.smoothing)) if v is not None}
+        overrides = {k: v for k, v in (("x_axis", args.x_axis), ("log_scale", args.log_scale),
+                                       ("smoothing", args.smoothing)) if v is not None}
         plot = session.new_plot(runs, **overrides)
         plot.show()
         session.register_plot(plot, finalize_with_cell=True)
 
-    def _resume(self, args: list[str]) -> None:
-        p = _parser("resume")
-        p.add_argument("run")
-        p.add_argument("checkpoint", nargs="?", default="latest")
-        p.add_argument("--model", default=None, help="the variable holding the model to resume into")
-        ns = p.parse_args(args)
-        client = current_client()
-        self._reachable(client)
+    def _resume(self, args: argparse.Namespace) -> None:
+        current_client().require_reachable()
         from .resume import resume
 
-        result = resume(ns.run, ns.checkpoint, namespace=self.shell.user_ns, model=ns.model)
+        result = resume(args.run, args.checkpoint, namespace=self.shell.user_ns, model=args.model)
         display(result)
 
     def _session(self) -> Any:

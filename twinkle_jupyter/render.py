@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .history import RunHistory, StepRecord
+from .settings import DEFAULTS
 
 __all__ = ["PlotRenderer", "RenderOptions", "nice_ceil"]
 
@@ -36,8 +37,8 @@ SUPERSEDED_COLOR = "#9a9a9a"
 class RenderOptions:
     """What the picture shows. ``x_axis`` is ``'step'`` or ``'time'`` (seconds since each run's first step)."""
 
-    x_axis: str = "step"
-    log_scale: bool = False
+    x_axis: str = DEFAULTS.x_axis
+    log_scale: bool = DEFAULTS.log_scale
     show_raw: bool = True
     show_smoothed: bool = True
     title: str | None = None
@@ -127,7 +128,7 @@ class PlotRenderer:
     gradient norm. Not thread-safe: one renderer per plot, used under the plot's lock.
     """
 
-    def __init__(self, width_px: int = 720, height_px: int = 420, dpi: int = 80) -> None:
+    def __init__(self, width_px: int = DEFAULTS.plot_width, height_px: int = DEFAULTS.plot_height, dpi: int = 80) -> None:
         self.width_px, self.height_px, self.dpi = int(width_px), int(height_px), int(dpi)
         self.full_redraws = 0
         self.blits = 0

@@ -4,12 +4,14 @@ While a cell runs, the first ``forward_backward`` of each run (a ``twinkle_clien
 emitted on the caller's thread) opens a live :class:`~twinkle_jupyter.plot.LossPlot` in that
 cell's output, through a display handle, and installs a SIGINT handler. When the cell ends
 (``post_run_cell``), however it ends, the plot is replaced in the same output by a static
-picture and a one-line summary, and the SIGINT handler is put back.
+picture and a one-line summary, and the SIGINT handler is put back. The event listener only
+observes: it never raises into the training loop.
 
-Ctrl-C during training: the first SIGINT only sets a flag and the next ``forward_backward``
-raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``), so the loop stops between calls
-with the model in a consistent state (the micro-batch just queued is counted, as the
-dataloader position says; ``save`` works). A second SIGINT interrupts at once.
+Ctrl-C during training: the first SIGINT asks ``twinkle_client`` to stop
+(``twinkle_client.interrupt.request_stop``), and the client raises :class:`TrainingInterrupted`
+(a ``KeyboardInterrupt``) at the next ``forward_backward``, before queueing it, so the loop
+stops between calls with the model in a consistent state (``save`` works). A second SIGINT
+interrupts at once. Every cell starts and ends without a stop request.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from twinkle_client.interrupt import TrainingInterrupted, clear_stop, request_stop, stop_requested
+
 from .connection import one_line_error
+from .settings import DEFAULTS
 
 __all__ = ["TrainingInterrupted", "TwinkleSession", "get_session"]
 
@@ -32,10 +37,6 @@ __all__ = ["TrainingInterrupted", "TwinkleSession", "get_session"]
 DRAIN_POLL_S = 0.2
 
 _SESSIONS: weakref.WeakKeyDictionary[Any, TwinkleSession] = weakref.WeakKeyDictionary()
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised at the next model call after Ctrl-C while a training cell runs."""
 
 
 def get_session(shell: Any = None) -> TwinkleSession | None:
@@ -50,28 +51,13 @@ def get_session(shell: Any = None) -> TwinkleSession | None:
     return _SESSIONS.get(shell) if shell is not None else None
 
 
-class _Defaults:
-    """Settings when no ``TwinkleMagics`` is around (the traits' defaults)."""
-
-    poll_interval = 0.5
-    max_redraw_hz = 2.0
-    max_points = 1000
-    smoothing = 0.6
-    x_axis = "step"
-    log_scale = False
-    auto_plot = True
-    stop_between_calls = True
-    plot_width = 720
-    plot_height = 420
-    show_controls = True
-
-
 class TwinkleSession:
     """Everything the extension hooks into one IPython shell; :meth:`close` removes all of it."""
 
     def __init__(self, shell: Any, settings: Any = None) -> None:
         self.shell = shell
-        self.settings = settings if settings is not None else _Defaults()
+        self.settings = settings if settings is not None else DEFAULTS
+        """``TwinkleMagics`` (``%config``), else :data:`twinkle_jupyter.settings.DEFAULTS`."""
         self.plots: weakref.WeakSet[Any] = weakref.WeakSet()
         """Every plot made through the extension (stopped on unload)."""
         self._unsubscribe: Callable[[], None] | None = None
@@ -88,7 +74,6 @@ class TwinkleSession:
         self.kernel_runs: set[str] = set()
         """Runs trained from this kernel (their plots are finalized when a cell ends)."""
         # SIGINT
-        self._interrupt_pending = False
         self._prev_sigint: Any = None
         self._sigint_installed = False
 
@@ -193,8 +178,8 @@ class TwinkleSession:
         self._cell_runs = set()
         self._cell_models = {}
         self._cell_opened = []
-        self._interrupt_pending = False
         self._loaders_at_start = {}
+        clear_stop()
         if "twinkle_client.dataloader" in sys.modules:
             from .resume import find_dataloaders
 
@@ -215,7 +200,7 @@ class TwinkleSession:
             self._cell_models = {}
             self._cell_opened = []
             self._loaders_at_start = {}
-            self._interrupt_pending = False
+            clear_stop()
 
     def _end_cell(self, result: Any) -> None:
         err = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
@@ -252,8 +237,8 @@ class TwinkleSession:
                 continue
             try:
                 while not wait(DRAIN_POLL_S):
-                    if self._interrupt_pending:
-                        self._interrupt_pending = False
+                    if stop_requested():  # Ctrl-C while waiting
+                        clear_stop()
                         return False
             except KeyboardInterrupt:
                 return False
@@ -267,11 +252,6 @@ class TwinkleSession:
         """The per-call hook: O(1) unless this is a run's first call in the cell."""
         if event.kind != "forward_backward":
             return
-        if self._interrupt_pending:
-            self._interrupt_pending = False
-            raise TrainingInterrupted(
-                "training stopped between calls (Ctrl-C); the model is usable, e.g. model.save(...)"
-            )
         run_id = event.run_id
         if run_id is None or run_id in self._cell_runs or not self._in_cell:
             return
@@ -352,9 +332,9 @@ class TwinkleSession:
         self._prev_sigint = None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._interrupt_pending:
+        if stop_requested():
             # The second Ctrl-C: the user does not want to wait for the next call.
-            self._interrupt_pending = False
+            clear_stop()
             prev = self._prev_sigint
             if callable(prev) and prev is not self._on_sigint:
                 # default_int_handler raises KeyboardInterrupt; ipykernel's async-cell handler
@@ -362,7 +342,7 @@ class TwinkleSession:
                 prev(signum, frame)
                 return
             raise KeyboardInterrupt
-        self._interrupt_pending = True
+        request_stop()  # the client raises TrainingInterrupted before the next forward_backward
 
 
 class _TotalEstimate:
