@@ -1,11 +1,20 @@
-"""Warm-up LR schedulers beside torch's own (which the registry finds by name)."""
+"""Warm-up LR schedulers beside torch's own (which the registry finds by name).
+
+Both are transformers' schedules (``get_linear_schedule_with_warmup``,
+``get_cosine_schedule_with_warmup``) under the names ``set_lr_scheduler`` takes, with their
+step counts checked up front. Each returns a ``LambdaLR`` whose ``lr_lambda`` is a
+``functools.partial`` of module-level functions, so its ``state_dict`` holds plain data and a
+checkpoint resumes it exactly: the model rebuilds it by name and keywords, then loads the state.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from functools import partial
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .errors import InvalidArgumentError
 from .registry import REGISTRY
@@ -20,37 +29,31 @@ def _check_steps(num_warmup_steps: int, num_training_steps: int) -> None:
 
 
 @REGISTRY.register("lr_scheduler")
-class LinearWarmupScheduler(LambdaLR):
-    """Linear warm-up from 0 to the base LR, then linear decay to 0 at ``num_training_steps``."""
-
-    def __init__(self, optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int) -> None:
-        _check_steps(num_warmup_steps, num_training_steps)
-        self.num_warmup_steps = num_warmup_steps
-        self.num_training_steps = num_training_steps
-        super().__init__(optimizer, self._factor)
-
-    def _factor(self, step: int) -> float:
-        if step < self.num_warmup_steps:
-            return step / max(1, self.num_warmup_steps)
-        remaining = self.num_training_steps - step
-        return max(0.0, remaining / max(1, self.num_training_steps - self.num_warmup_steps))
+def LinearWarmupScheduler(optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int) -> LambdaLR:
+    """Linear warm-up from 0 to the base LR, then linear decay to 0 at ``num_training_steps``
+    (and 0 after it)."""
+    _check_steps(num_warmup_steps, num_training_steps)
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
 
 
 @REGISTRY.register("lr_scheduler")
-class CosineWarmupScheduler(LambdaLR):
-    """Linear warm-up, then cosine decay over ``num_cycles`` half-waves (0.5: down to 0 once)."""
+def CosineWarmupScheduler(
+    optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5
+) -> LambdaLR:
+    """Linear warm-up, then cosine decay over ``num_cycles`` half-waves (0.5: down to 0 once).
 
-    def __init__(
-        self, optimizer: Optimizer, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5
-    ) -> None:
-        _check_steps(num_warmup_steps, num_training_steps)
-        self.num_warmup_steps = num_warmup_steps
-        self.num_training_steps = num_training_steps
-        self.num_cycles = num_cycles
-        super().__init__(optimizer, self._factor)
+    The decay lasts ``num_training_steps - num_warmup_steps`` steps (at least one); after it the
+    LR stays where the cosine ended (0 for the default ``num_cycles``) instead of following it
+    back up.
+    """
+    _check_steps(num_warmup_steps, num_training_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps, num_cycles)
+    end = num_warmup_steps + max(1, num_training_steps - num_warmup_steps)
+    # The constructor has applied step 0, which the hold does not change (0 < end).
+    scheduler.lr_lambdas = [partial(_held_after, schedule=fn, end=end) for fn in scheduler.lr_lambdas]
+    return scheduler
 
-    def _factor(self, step: int) -> float:
-        if step < self.num_warmup_steps:
-            return step / max(1, self.num_warmup_steps)
-        progress = (step - self.num_warmup_steps) / max(1, self.num_training_steps - self.num_warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * min(progress, 1.0))))
+
+def _held_after(step: int, *, schedule: Callable[[int], float], end: int) -> float:
+    """``schedule`` up to step ``end``, its value there from then on."""
+    return schedule(min(step, end))
