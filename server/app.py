@@ -21,12 +21,19 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from twinkle.errors import TwinkleError
+from twinkle.errors import (
+    MethodNotAllowedError,
+    NotFoundError,
+    TwinkleError,
+    error_for_status,
+    one_line,
+    status_for,
+)
 from twinkle.protocol.wire import API_PREFIX, CallBatch, CreateObjectRequest, ErrorInfo, ErrorResponse
 
 from . import __version__
 from .context import ServerContext
-from .errors import INTERNAL_MESSAGE, error_info, one_line, status_for
+from .errors import INTERNAL_MESSAGE
 from .routes_objects import router as objects_router
 from .routes_runs import router as runs_router
 from .wire import respond
@@ -115,7 +122,7 @@ def validation_message(errors: list[Any]) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TwinkleError)
     async def twinkle_error(request: Request, exc: TwinkleError) -> Response:
-        info = error_info(exc, request_id_of(request))
+        info = request.app.state.ctx.error_info(exc, request_id_of(request))
         return respond(request, ErrorResponse(error=info), status_for(info.code))
 
     @app.exception_handler(RequestValidationError)
@@ -124,13 +131,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            code, message = "not_found", f"no route {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            code, message = "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+        cls = error_for_status(exc.status_code)
+        if cls is NotFoundError:
+            message = f"no route {request.method} {request.url.path}"
+        elif cls is MethodNotAllowedError:
+            message = f"{request.method} is not allowed on {request.url.path}"
         else:
-            code, message = "http_error", one_line(str(exc.detail)) or f"HTTP {exc.status_code}"
-        return error_response(request, exc.status_code, code, message)
+            message = one_line(str(exc.detail)) or f"HTTP {exc.status_code}"
+        return error_response(request, exc.status_code, cls.code, message)
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:

@@ -224,7 +224,7 @@ def serve(args: argparse.Namespace) -> None:
 def _build_context(settings: Settings) -> Any:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = _open_store(settings.data_dir)
-    from .runs import reconcile
+    from .checkpoints import reconcile
 
     counts = reconcile(store, settings)
     if any(counts.values()):

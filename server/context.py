@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from twinkle.model import MultiLoraTransformersModel
+from twinkle.paths import cache_dir
+from twinkle.protocol.wire import ErrorInfo
+from twinkle.uploads import UploadJobs
 
+from .errors import ErrorScrubber
+from .model_handle import ModelHandle
 from .objects import ObjectRegistry, Reaper, RemoteObject
-from .runs import ModelHandle, RunBook
+from .runs import RunBook
 from .settings import Settings
 from .store import Store
-from .uploads import UploadManager
 from .worker import DeviceWorker
 
 T = TypeVar("T")
@@ -31,9 +35,10 @@ class ServerContext:
     model: MultiLoraTransformersModel
     dtype: str
     worker: DeviceWorker = field(default_factory=DeviceWorker)
-    uploads: UploadManager = field(default_factory=UploadManager)
+    uploads: UploadJobs = field(default_factory=UploadJobs)
     objects: ObjectRegistry = field(init=False)
     book: RunBook = field(init=False)
+    scrubber: ErrorScrubber = field(init=False)
     data_pool: ThreadPoolExecutor = field(init=False)
     reaper: Reaper = field(init=False)
     _shut_down: bool = field(default=False, init=False)
@@ -41,6 +46,7 @@ class ServerContext:
     def __post_init__(self) -> None:
         self.objects = ObjectRegistry(self.settings.idle_timeout, self.settings.max_objects_per_user)
         self.book = RunBook(self.store, self.settings, self.model, self.uploads)
+        self.scrubber = ErrorScrubber([self.settings.data_dir, self.model.model_dir, cache_dir()])
         self.data_pool = ThreadPoolExecutor(self.settings.data_threads, thread_name_prefix="twinkle-data")
         # Check a few times per timeout, so that expiry happens close to when it is due.
         interval = min(max(self.settings.idle_timeout / 4, 0.2), 10.0)
@@ -58,6 +64,10 @@ class ServerContext:
         if obj_kind == "model":
             return self.worker.submit(user_id, fn)
         return self.data_pool.submit(fn)
+
+    def error_info(self, exc: BaseException, request_id: str | None, *, call: str | None = None) -> ErrorInfo:
+        """What a client reads of ``exc`` (see ``ErrorScrubber``)."""
+        return self.scrubber.info(exc, request_id, call=call)
 
     async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> T:
         """``submit`` and await, without blocking the event loop."""

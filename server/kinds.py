@@ -1,9 +1,8 @@
-"""The three kinds of remote object: how each is created and which methods it answers.
+"""The data objects (datasets, dataloaders): how each is created and how its calls run.
 
-The callable methods are exactly the library's marked API (``twinkle.api.api_methods``) of
-the local class, so the local class stays the one definition of the remote API. Data
-objects (datasets, dataloaders) run on the data threads; models on the device worker
-(see ``runs.ModelHandle``).
+Calls are bound against the declarations (``twinkle.protocol.api``), whose argument kinds
+say what the server must vet (dataset ids, model ids). Data objects run on the data
+threads; models on the device worker (``model_handle.ModelHandle``).
 """
 
 from __future__ import annotations
@@ -14,43 +13,47 @@ from typing import Any
 
 import torch
 
-from twinkle.api import api_methods
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
 from twinkle.hub import canonical_model_id
 from twinkle.model import MultiLoraTransformersModel
+from twinkle.protocol.api import (
+    API_BY_KIND,
+    DATALOADER,
+    DATASET,
+    MODEL,
+    NEXT_BATCHES,
+    START_EPOCH,
+    Arg,
+    Method,
+)
+from twinkle.protocol.limits import MAX_BATCHES_PER_CALL
 from twinkle.protocol.names import REMOTE_SCHEMES, is_hub_repo
 
 from .policy import check_dataset_id, check_remote_id
-from .runs import MODEL_METHODS
 from .settings import Settings
 
-KINDS = ("dataset", "dataloader", "model")
-CLASS_NAMES = {"dataset": "Dataset", "dataloader": "DataLoader", "model": "MultiLoraTransformersModel"}
-# The dataloader's iteration protocol replaces __iter__: an epoch is fetched in chunks of batches.
-START_EPOCH = "_twinkle_start_epoch"
-NEXT = "_twinkle_next"
-MAX_BATCHES_PER_CALL = 1024
-
-METHODS: dict[str, frozenset[str]] = {
-    "dataset": frozenset(api_methods(Dataset)),
-    "dataloader": frozenset(set(api_methods(DataLoader)) - {"__iter__"} | {START_EPOCH, NEXT}),
-    "model": frozenset(MODEL_METHODS),
-}
+KINDS = tuple(API_BY_KIND)
 # Model settings that belong to the server: a client may repeat them, not change them.
 SERVER_SETTINGS = ("max_loras", "max_r", "device", "dtype")
 
 
 def check_method(kind: str, method: str) -> None:
-    if method not in METHODS[kind]:
-        raise InvalidArgumentError(f"{CLASS_NAMES[kind]} has no remote method {str(method)[:100]!r}")
+    """Refuse a method the object's declaration does not have (a dataloader's ``__iter__`` is
+    replaced by its chunked epoch protocol)."""
+    if kind == "dataloader" and method in (START_EPOCH, NEXT_BATCHES):
+        return
+    if kind == "dataloader" and method == "__iter__":
+        raise InvalidArgumentError(f"DataLoader has no remote method '__iter__'; iterate with {START_EPOCH}")
+    API_BY_KIND[kind].method(method)
 
 
-def _bind(label: str, fn: Any, args: list[Any], kwargs: dict[str, Any], *, has_self: bool) -> inspect.BoundArguments:
+def _bind(label: str, sig: inspect.Signature, args: list[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+    """``args``/``kwargs`` bound to a declared signature (its first parameter is ``self``); only the
+    given arguments are in ``arguments``."""
     try:
-        sig = inspect.signature(fn)
-        return sig.bind(None, *args, **kwargs) if has_self else sig.bind(*args, **kwargs)
+        return sig.bind(None, *args, **kwargs)
     except TypeError as exc:
         raise InvalidArgumentError(f"{label}: {exc}") from None
 
@@ -71,14 +74,14 @@ def _check_meta(value: Any, settings: Settings) -> None:
 
 
 def create_dataset(settings: Settings, args: list[Any], kwargs: dict[str, Any]) -> Dataset:
-    bound = _bind("Dataset()", Dataset.__init__, args, kwargs, has_self=True)
+    bound = _bind("Dataset()", DATASET.init, args, kwargs)
     meta = _meta(bound.arguments["dataset_meta"])
     _check_meta(meta, settings)
     return Dataset(meta)
 
 
 def create_dataloader(args: list[Any], kwargs: dict[str, Any]) -> LoaderHandle:
-    bound = _bind("DataLoader()", DataLoader.__init__, args, kwargs, has_self=True)
+    bound = _bind("DataLoader()", DATALOADER.init, args, kwargs)
     return LoaderHandle(DataLoader(*bound.args[1:], **bound.kwargs))
 
 
@@ -92,8 +95,7 @@ def check_model_kwargs(
     ``max_r``, ``device`` and ``dtype`` may only repeat the server's values; ``output_dir``
     is ignored (checkpoints go where the server keeps them).
     """
-    bound = _bind("MultiLoraTransformersModel()", MultiLoraTransformersModel.__init__, args, kwargs, has_self=True)
-    a = bound.arguments
+    a = _bind("MultiLoraTransformersModel()", MODEL.init, args, kwargs).arguments
     if "model_id" in a:
         given = a["model_id"]
         shown = _model_id_as_named(given, model.model_id, allow_local)
@@ -189,29 +191,32 @@ class LoaderHandle:
         return {"batches": batches, "sizes": sizes, "end": end}
 
 
+def _vet(spec: Method, a: dict[str, Any], settings: Settings) -> None:
+    """Check the arguments whose declared kind names something the server's policy governs."""
+    for param, kind in spec.args.items():
+        if kind is Arg.DATASET and a.get(param) is not None:
+            a[param] = _meta(a[param])
+            _check_meta(a[param], settings)
+        elif kind is Arg.MODEL_ID:
+            check_remote_id(a.get(param, {}).get("model_id"), "template model_id", allow_local=settings.allow_local_data)
+
+
 def call_data_object(kind: str, instance: Any, method: str, args: list[Any], kwargs: dict[str, Any],
                      settings: Settings) -> Any:
     """Run one call on a dataset or dataloader (on a data thread)."""
     if kind == "dataloader":
         handle: LoaderHandle = instance
-        if method == START_EPOCH:
-            bound = _bind(f"{method}()", handle.start_epoch, args, kwargs, has_self=False)
-            return handle.start_epoch(*bound.args, **bound.kwargs)
-        if method == NEXT:
-            bound = _bind(f"{method}()", handle.next_batches, args, kwargs, has_self=False)
-            return handle.next_batches(*bound.args, **bound.kwargs)
+        if method in (START_EPOCH, NEXT_BATCHES):
+            fn = handle.start_epoch if method == START_EPOCH else handle.next_batches
+            try:
+                bound = inspect.signature(fn).bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgumentError(f"{method}(): {exc}") from None
+            return fn(*bound.args, **bound.kwargs)
         target: Any = handle.loader
     else:
         target = instance
-    fn = getattr(target, method)
-    bound = _bind(f"{method}()", fn, args, kwargs, has_self=False)
-    a = bound.arguments
-    if kind == "dataset":
-        if "dataset_meta" in a and a["dataset_meta"] is not None:
-            a["dataset_meta"] = _meta(a["dataset_meta"])
-            if method == "add_dataset":
-                _check_meta(a["dataset_meta"], settings)
-        if method == "set_template":
-            model_id = a.get("kwargs", {}).get("model_id")
-            check_remote_id(model_id, "template model_id", allow_local=settings.allow_local_data)
-    return fn(*bound.args, **bound.kwargs)
+    spec = API_BY_KIND[kind].method(method)
+    bound = _bind(f"{method}()", spec.signature, args, kwargs)
+    _vet(spec, bound.arguments, settings)
+    return getattr(target, spec.name)(*bound.args[1:], **bound.kwargs)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinkle.errors import CapacityError, NotFoundError
+from twinkle.protocol.limits import RESULTS_KEPT
 from twinkle.protocol.wire import CallResult, ObjectInfo
 
 log = logging.getLogger("twinkle_server.objects")
-RESULTS_KEPT = 256
 
 
 def gone_message(object_id: object) -> str:

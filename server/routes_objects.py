@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from twinkle.errors import InvalidArgumentError, NotFoundError, TwinkleError
+from twinkle.errors import InvalidArgumentError, NotFoundError, ServerError, TwinkleError
 from twinkle.protocol import codec
+from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
 from twinkle.protocol.wire import (
     Call,
     CallBatch,
@@ -31,10 +32,9 @@ from twinkle.protocol.wire import (
 
 from .context import ServerContext
 from .deps import Ctx, CurrentUser
-from .errors import error_info
 from .kinds import call_data_object, check_method, check_model_kwargs, create_dataloader, create_dataset
+from .model_handle import ModelHandle
 from .objects import RemoteObject, new_object_id
-from .runs import ModelHandle
 from .store import User
 from .wire import read_body, respond
 
@@ -47,9 +47,6 @@ _ERRORS = {
 }
 MAX_IDEMPOTENCY_KEY = 200
 _KEY_REUSED = "this Idempotency-Key was already used for a different request"
-MAX_CALLS_PER_BATCH = 64
-"""Calls one request may carry: a retried batch must find every result it needs among the
-``RESULTS_KEPT`` an object keeps (the client sends at most this many, too)."""
 
 
 def _request_id(request: Request) -> str | None:
@@ -205,22 +202,23 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
         args = codec.from_wire(call.args, resolve)
         kwargs = codec.from_wire(call.kwargs, resolve)
+        run_id = None
         if obj.kind == "model":
-            value = obj.instance.call(method, args, kwargs, request_id=request_id)
+            value, run_id = obj.instance.call(method, args, kwargs, request_id=request_id)
         else:
             value = call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings)
         try:
-            return codec.to_wire(value)
+            return codec.to_wire(value), run_id
         except TwinkleError as exc:
             # The call ran; a result we cannot send is our bug, not the caller's bad argument.
-            raise RuntimeError(f"result of {method} cannot be sent: {exc}") from exc
+            raise ServerError(f"result of {method} cannot be sent: {exc}") from exc
 
     try:
         check_method(obj.kind, method)
-        value = await ctx.run(obj.kind, user.id, work)
+        value, run_id = await ctx.run(obj.kind, user.id, work)
     except Exception as exc:
-        return CallResult(seq=call.seq, ok=False, error=error_info(exc, request_id, call=method))
-    return CallResult(seq=call.seq, ok=True, value=value)
+        return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
+    return CallResult(seq=call.seq, ok=True, value=value, training_run_id=run_id)
 
 
 @router.delete("/objects/{object_id}", response_model=ObjectInfo, responses=_ERRORS)

@@ -17,27 +17,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from twinkle.errors import InvalidArgumentError, TwinkleError
+from twinkle.errors import InvalidArgumentError, PayloadTooLargeError, UnsupportedMediaTypeError
 from twinkle.protocol import codec
+from twinkle.protocol.limits import MAX_BODY_BYTES
 
 JSON = "application/json"
 MSGPACK = codec.CONTENT_TYPE
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
-MAX_BODY_BYTES = 256 << 20
-"""A request body may not be larger than this, as sent or after inflating gzip (a small bomb
-must not take the server's memory)."""
-
-
-class UnsupportedEncodingError(TwinkleError):
-    """A ``Content-Encoding`` the server cannot undo (answered 415, as RFC 7694 asks)."""
-
-    code = "unsupported_media_type"
-
-
-class PayloadTooLargeError(InvalidArgumentError):
-    """A request body above ``MAX_BODY_BYTES`` (answered 413)."""
-
-    code = "payload_too_large"
 
 
 def _too_large(what: str) -> PayloadTooLargeError:
@@ -102,7 +88,7 @@ def _inflate(body: bytes, encoding: str | None) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
-        raise UnsupportedEncodingError(f"Content-Encoding {encoding} is not supported; send gzip or none")
+        raise UnsupportedMediaTypeError(f"Content-Encoding {encoding} is not supported; send gzip or none")
     limit = MAX_BODY_BYTES
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from twinkle.errors import TransportError
+
 T = TypeVar("T")
 log = logging.getLogger("twinkle_server.worker")
 
 
-class WorkerStopped(RuntimeError):
-    """The worker was shut down; no more calls are accepted."""
+class WorkerStopped(TransportError):
+    """The worker was shut down; no more calls are accepted (the client may retry elsewhere)."""
 
 
 class DeviceWorker:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .paths import is_leftover
 
 FORMAT_VERSION = 1
 META_FILE = "twinkle_checkpoint.json"
@@ -61,15 +62,17 @@ class CheckpointMeta:
             raise CheckpointError(f"{folder} has an unreadable {META_FILE}: {exc}") from None
 
 
-def check_checkpoint_dir(path: str | Path, *, need_training_state: bool = False) -> Path:
+def check_checkpoint_dir(path: str | Path, *, need_training_state: bool = False, leftover_ok: bool = False) -> Path:
     """Return ``path`` as a Path if it is a complete checkpoint, else raise ``CheckpointError``.
 
-    A plain PEFT adapter folder (no twinkle metadata) is accepted for weights-only loads.
+    A plain PEFT adapter folder (no twinkle metadata) is accepted for weights-only loads. A
+    hidden leftover folder of ``atomic_directory`` is never a checkpoint, unless ``leftover_ok``
+    (to judge a replaced checkpoint before restoring it).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint: no such folder")
-    if folder.name.startswith((".tmp-", ".old-")):
+    if is_leftover(folder.name) and not leftover_ok:
         raise CheckpointError(f"{path} is an unfinished save, not a checkpoint")
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
     if missing:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from . import processor as _processor  # noqa: F401  (registers 'InputProcessor' for set_processor)
-from .api import api_method
 from .errors import InvalidArgumentError
+from .protocol.api import DataLoaderAPI
 from .registry import REGISTRY
 
 # The columns a model takes; rows that have them are sent with only these (the rest,
@@ -24,7 +24,7 @@ from .registry import REGISTRY
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
 
 
-class DataLoader:
+class DataLoader(DataLoaderAPI):
     """Iterates a dataset in batches; each ``iter()`` runs to the end of the current epoch.
 
     ``for batch in loader`` twice is two epochs. A loop left early continues where it
@@ -68,12 +68,7 @@ class DataLoader:
         self.consumed_train_samples = 0
         self._order_cache: tuple[int, int, list[int]] | None = None  # (epoch, n, order)
 
-    @api_method(deferred=True)
     def set_processor(self, name_or_cls: str | type, **kwargs: Any) -> None:
-        """Collate batches with a processor, e.g. ``set_processor('InputProcessor', padding_side='right')``.
-
-        A processor with ``pad_token_id=None`` takes it from the dataset's template, if any.
-        """
         proc = REGISTRY.build("processor", name_or_cls, **kwargs)
         template = getattr(self.dataset, "template", None)
         if getattr(proc, "pad_token_id", 0) is None and getattr(template, "pad_token_id", None) is not None:
@@ -94,14 +89,10 @@ class DataLoader:
         per_epoch = self.samples_per_epoch
         return self.consumed_train_samples // per_epoch if per_epoch else 0
 
-    @api_method()
     def __len__(self) -> int:
-        """Batches per epoch."""
         return -(-self.samples_per_epoch // self.batch_size)
 
-    @api_method()
     def get_state(self) -> dict[str, Any]:
-        """The position and settings to save with a checkpoint."""
         per_epoch = self.samples_per_epoch
         return {
             "consumed_train_samples": self.consumed_train_samples,
@@ -114,9 +105,7 @@ class DataLoader:
             "drop_last": self.drop_last,
         }
 
-    @api_method()
     def resume_from_checkpoint(self, consumed_train_samples: int) -> None:
-        """Continue as if ``consumed_train_samples`` samples had been yielded (any epoch, any offset)."""
         _check_int("consumed_train_samples", consumed_train_samples, minimum=0)
         self.consumed_train_samples = consumed_train_samples
 
@@ -124,7 +113,6 @@ class DataLoader:
 
     # --- iteration ---------------------------------------------------------------------------
 
-    @api_method()
     def __iter__(self) -> Iterator[Any]:
         per_epoch = self.samples_per_epoch
         if per_epoch == 0:

@@ -19,14 +19,17 @@ from .protocol.errors import (
     TwinkleError,
     UnknownComponentError,
     UnsupportedMediaTypeError,
+    error_for_status,
     error_from_code,
     first_line,
     one_line,
+    status_for,
 )
 
 __all__ = [
     "ERRORS_BY_CODE", "AuthenticationError", "CapacityError", "CheckpointError", "ConflictError",
     "DeadlineError", "HttpError", "HubError", "InvalidArgumentError", "MethodNotAllowedError",
     "NotFoundError", "PayloadTooLargeError", "ServerError", "StateError", "TransportError", "TwinkleError",
-    "UnknownComponentError", "UnsupportedMediaTypeError", "error_from_code", "first_line", "one_line",
+    "UnknownComponentError", "UnsupportedMediaTypeError", "error_for_status", "error_from_code", "first_line",
+    "one_line", "status_for",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +18,29 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")
+"""Hidden folders beside finished ones: an unfinished write (``.tmp-``), a replaced folder not
+yet removed (``.old-``), a folder being deleted (``.del-``). None of them is ever complete."""
+_REPLACED = re.compile(r"\.old-(.+)-\d+")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether a folder name is one of ``atomic_directory``'s (or a deletion's) hidden leftovers."""
+    return name.startswith(LEFTOVER_PREFIXES)
+
+
+def replaced_target(name: str) -> str | None:
+    """The target name of a ``.old-<target>-<pid>`` folder that ``atomic_directory`` moved aside
+    while replacing ``target`` (None for any other name)."""
+    match = _REPLACED.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def trash_name(name: str) -> str:
+    """A hidden name to rename a folder to before deleting it (the rename is atomic)."""
+    return f".del-{name}-{secrets.token_hex(4)}"
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -32,7 +33,7 @@ from twinkle.protocol.wire import (
     UploadStatus,
 )
 
-from .transport import DEFAULT_URL, NO_RETRY, RetryPolicy, Transport
+from .transport import DEFAULT_URL, NO_RETRY, ClientClosedError, RetryPolicy, Transport
 
 ENV_URL = "TWINKLE_SERVER_URL"
 ENV_TOKEN = "TWINKLE_SERVER_TOKEN"
@@ -202,6 +203,7 @@ class TwinkleClient:
 
 
 _M = TypeVar("_M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def _parse(model: type[_M], data: Any) -> _M:
@@ -289,6 +291,33 @@ def peek_client() -> TwinkleClient | None:
     """The current client as it is, without making one from the environment."""
     with _lock:
         return _current
+
+
+def on_current_client(send: Callable[[TwinkleClient], T], label: str, server: str | None = None) -> T:
+    """Run ``send`` over the current client, which must talk to ``server`` when given.
+
+    ``init_twinkle_client`` may replace the client between looking it up and sending; the
+    old one then refuses before anything goes out, so the request is sent over the new one.
+    An object id means nothing on another server, so pointing the client elsewhere strands
+    the object with a clear error instead of sending its id to a stranger.
+    """
+    for _ in range(3):
+        # An object's calls never make a client from the environment; only a creation may.
+        client = current_client() if server is None else peek_client()
+        if client is None:
+            raise StateError(f"{label}: there is no twinkle client; call init_twinkle_client(...)")
+        if server is not None and client.base_url != server:
+            raise StateError(
+                f"{label} lives on {server}, but the current twinkle client connects to "
+                f"{client.base_url}; create it again, or init_twinkle_client({server!r}, ...)"
+            )
+        try:
+            return send(client)
+        except ClientClosedError:
+            if peek_client() is client:
+                raise  # closed, not replaced: the caller has to reconnect
+    raise StateError(f"{label}: the twinkle client was replaced while sending; try again")
+
 
 
 def newest_checkpoint(checkpoints: list[Checkpoint]) -> Checkpoint | None:

@@ -1,6 +1,7 @@
 """``DataLoader`` on a twinkle server, iterated with prefetch.
 
-Derived from ``twinkle.dataloader.DataLoader`` (same constructor and methods, same epoch
+Derived from the declaration ``twinkle.protocol.api.DataLoaderAPI`` that
+``twinkle.dataloader.DataLoader`` implements (same constructor and methods, same epoch
 semantics: each ``iter()`` runs to the end of the current epoch). Iteration asks the server
 for several batches per round trip and keeps up to ``prefetch`` of them buffered while the
 loop works. The position that counts is the client's: the samples it has *yielded*
@@ -15,11 +16,12 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from twinkle.dataloader import DataLoader as _LocalDataLoader
-from twinkle.errors import TwinkleError
+from twinkle.protocol.api import DATALOADER, NEXT_BATCHES, START_EPOCH
+from twinkle.protocol.errors import ServerError
 
-from .lazy import CallFuture
-from .remote import BoundCall, RemoteObject, derive_remote_class
+from .derive import derive_remote_class
+from .pipeline import CallFuture
+from .remote import RemoteObject
 
 __all__ = ["DataLoader"]
 
@@ -43,18 +45,41 @@ class _RemoteDataLoader(RemoteObject):
         """Samples yielded so far (over all epochs): the position to save with a checkpoint."""
         return self._twinkle_consumed
 
+    def __iter__(self) -> Iterator[Any]:
+        self._twinkle_pipeline.flush()  # a pending failure surfaces here, not inside the loop
+        return self._twinkle_iterate()
+
+    def get_state(self) -> dict[str, Any]:
+        state = dict(self._twinkle_call("get_state"))
+        # The server has run ahead by the prefetched batches; the position is what was yielded.
+        consumed = self._twinkle_consumed
+        per_epoch = state.get("samples_per_epoch") or 0
+        state["consumed_train_samples"] = consumed
+        state["epoch"] = consumed // per_epoch if per_epoch else 0
+        state["position_in_epoch"] = consumed % per_epoch if per_epoch else 0
+        return state
+
+    def resume_from_checkpoint(self, consumed_train_samples: int) -> None:
+        # The server checks the value as the local method does.
+        self._twinkle_call("resume_from_checkpoint", consumed_train_samples=consumed_train_samples)
+        self._twinkle_consumed = consumed_train_samples
+        self._twinkle_generation += 1  # drops a running iterator's buffer
+
+    def skip_consumed_samples(self, consumed_train_samples: int) -> None:
+        self.resume_from_checkpoint(consumed_train_samples)
+
+    def _twinkle_call(self, method: str, **kwargs: Any) -> Any:
+        pipeline = self._twinkle_pipeline
+        return pipeline.read(pipeline.submit(method, [], kwargs, deferred=False))
+
     def _twinkle_iterate(self) -> Iterator[Any]:
         self._twinkle_generation += 1
         generation = self._twinkle_generation
         pipeline = self._twinkle_pipeline
         depth = max(1, int(self.prefetch))
         # Start and first fetch are queued together: one round trip before the first batch.
-        start = pipeline.submit(
-            "_twinkle_start_epoch", [], {"consumed_train_samples": self._twinkle_consumed}, deferred=False
-        )
-        pending: deque[CallFuture] = deque(
-            [pipeline.submit("_twinkle_next", [], {"max_batches": depth}, deferred=False)]
-        )
+        start = pipeline.submit(START_EPOCH, [], {"consumed_train_samples": self._twinkle_consumed}, deferred=False)
+        pending: deque[CallFuture] = deque([pipeline.submit(NEXT_BATCHES, [], {"max_batches": depth}, deferred=False)])
         buffer: deque[tuple[Any, int]] = deque()
         ended = False
         pipeline.read(start)
@@ -68,9 +93,7 @@ class _RemoteDataLoader(RemoteObject):
                 if not buffer:
                     return
             if not ended and not pending and len(buffer) <= depth // 2:
-                pending.append(
-                    pipeline.submit("_twinkle_next", [], {"max_batches": depth - len(buffer)}, deferred=False)
-                )
+                pending.append(pipeline.submit(NEXT_BATCHES, [], {"max_batches": depth - len(buffer)}, deferred=False))
             if generation != self._twinkle_generation:
                 return
             batch, size = buffer.popleft()
@@ -84,7 +107,7 @@ class _RemoteDataLoader(RemoteObject):
 
 def _parse_next(reply: Any) -> tuple[list[tuple[Any, int]], bool]:
     if not isinstance(reply, dict) or not isinstance(reply.get("batches"), list):
-        raise TwinkleError(f"the twinkle server sent a malformed batch reply: {type(reply).__name__}")
+        raise ServerError(f"the twinkle server sent a malformed batch reply: {type(reply).__name__}")
     batches = reply["batches"]
     sizes = reply.get("sizes")
     if not isinstance(sizes, list) or len(sizes) != len(batches):
@@ -106,33 +129,4 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-def _iter(self: _RemoteDataLoader, call: BoundCall) -> Iterator[Any]:
-    self._twinkle_pipeline.flush()  # a pending failure surfaces here, not inside the loop
-    return self._twinkle_iterate()
-
-
-def _get_state(self: _RemoteDataLoader, call: BoundCall) -> dict[str, Any]:
-    state = dict(self._twinkle_call(call))
-    # The server has run ahead by the prefetched batches; the position is what was yielded.
-    consumed = self._twinkle_consumed
-    per_epoch = state.get("samples_per_epoch") or 0
-    state["consumed_train_samples"] = consumed
-    state["epoch"] = consumed // per_epoch if per_epoch else 0
-    state["position_in_epoch"] = consumed % per_epoch if per_epoch else 0
-    return state
-
-
-def _resume(self: _RemoteDataLoader, call: BoundCall) -> None:
-    self._twinkle_call(call)  # the server checks the value as the local method does
-    self._twinkle_consumed = call.values["consumed_train_samples"]
-    self._twinkle_generation += 1  # drops a running iterator's buffer
-    return None
-
-
-DataLoader = derive_remote_class(
-    _LocalDataLoader,
-    kind="dataloader",
-    base=_RemoteDataLoader,
-    module=__name__,
-    handlers={"__iter__": _iter, "get_state": _get_state, "resume_from_checkpoint": _resume},
-)
+DataLoader = derive_remote_class(DATALOADER, _RemoteDataLoader, module=__name__)

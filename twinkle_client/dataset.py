@@ -1,6 +1,7 @@
 """``Dataset`` on a twinkle server: load, map, filter and encode there; rows stay there.
 
-Derived from ``twinkle.dataset.Dataset`` (same constructor and methods). The building calls
+Derived from the declaration ``twinkle.protocol.api.DatasetAPI`` that ``twinkle.dataset.Dataset``
+implements (same constructor and methods). The building calls
 (``set_template``, ``map``, ``filter``, ``encode``...) are deferred; ``len()`` and indexing
 wait for the server. Pass it to ``twinkle_client.dataloader.DataLoader`` to batch it there.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from twinkle.dataset import Dataset as _LocalDataset
-from twinkle.dataset import DatasetMeta
+from twinkle.protocol.api import DATASET
+from twinkle.protocol.dataset_meta import DatasetMeta
 
-from .remote import RemoteObject, derive_remote_class
+from .derive import derive_remote_class
+from .remote import RemoteObject
 
 __all__ = ["Dataset", "DatasetMeta"]
 
@@ -25,4 +27,4 @@ class _RemoteDataset(RemoteObject):
             yield self[i]
 
 
-Dataset = derive_remote_class(_LocalDataset, kind="dataset", base=_RemoteDataset, module=__name__)
+Dataset = derive_remote_class(DATASET, _RemoteDataset, module=__name__)

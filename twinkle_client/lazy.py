@@ -9,50 +9,13 @@ arrives with a later round trip. The proxies here stand in for that value and fe
 from __future__ import annotations
 
 import operator
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_UNSET = object()
+if TYPE_CHECKING:
+    from .pipeline import CallFuture
 
-
-class CallFuture:
-    """The eventual outcome of one queued call; settled once by the object's sender thread."""
-
-    __slots__ = ("method", "seq", "deferred", "_event", "_value", "_error")
-
-    def __init__(self, method: str, seq: int, deferred: bool) -> None:
-        self.method = method
-        self.seq = seq
-        self.deferred = deferred
-        self._event = threading.Event()
-        self._value: Any = _UNSET
-        self._error: BaseException | None = None
-
-    def set_result(self, value: Any) -> None:
-        self._value = value
-        self._event.set()
-
-    def set_error(self, error: BaseException) -> None:
-        self._error = error
-        self._event.set()
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    @property
-    def value(self) -> Any:
-        return self._value
-
-
-Reader = Callable[[CallFuture, "float | None"], Any]
+Reader = Callable[["CallFuture", "float | None"], Any]
 
 
 class Lazy:
@@ -65,7 +28,8 @@ class Lazy:
         object.__setattr__(self, "_reader", reader)
 
     def result(self, timeout: float | None = None) -> Any:
-        """The value; raises the call's error, or ``TimeoutError`` after ``timeout`` seconds."""
+        """The value; raises the call's error, or ``DeadlineError`` (a ``TimeoutError``) after
+        ``timeout`` seconds."""
         return self._reader(self._future, timeout)
 
     def done(self) -> bool:

@@ -28,19 +28,19 @@ from twinkle.errors import (
     StateError,
     TransportError,
     TwinkleError,
+    UnsupportedMediaTypeError,
+    error_for_status,
     error_from_code,
     first_line,
 )
 from twinkle.protocol import codec
+from twinkle.protocol.limits import COMPRESS_MIN_BYTES
 from twinkle.protocol.wire import API_PREFIX, ErrorResponse
 
 log = logging.getLogger("twinkle_client.transport")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({502, 503, 504})
-# Bodies at least this large are gzipped (token batches shrink to ~10%); small ones are not
-# worth the CPU.
-COMPRESS_MIN_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class Transport:
                                  headers={**hdrs, "Content-Encoding": "gzip"}, retry=retry)
                 )
             except TwinkleError as exc:
-                if not _rejects_encoding(exc):
+                if not isinstance(exc, UnsupportedMediaTypeError):
                     raise
                 # A server without request decompression: send plain bodies from now on.
                 log.info("twinkle server at %s does not accept gzip bodies; sending them uncompressed", self.base_url)
@@ -250,22 +250,20 @@ class Transport:
         except Exception:
             return None
         request_id = info.request_id or response.headers.get("x-request-id")
-        return error_from_code(info.code, info.message, request_id)
+        return error_from_code(info.code, info.message, request_id, call=info.call)
 
     def _error(self, response: httpx.Response) -> TwinkleError:
         err = self._typed_error(response)
         status = response.status_code
         if err is None:
+            # No twinkle error body (a proxy, another server): the status says what it was.
             request_id = response.headers.get("x-request-id")
             text = f"HTTP {status} {response.reason_phrase} from {self.base_url}{response.request.url.path}"
-            code = {401: "unauthenticated", 403: "unauthenticated", 404: "not_found", 400: "invalid_argument",
-                    422: "invalid_argument"}.get(status, "internal" if status >= 500 else "twinkle_error")
-            err = error_from_code(code, text, request_id)
+            err = error_for_status(status)(text, request_id=request_id)
         if status == 401 and not isinstance(err, AuthenticationError):
             err = AuthenticationError(err.message, request_id=err.request_id)
         if isinstance(err, AuthenticationError) and not self.has_api_key:
             err.message += " (no API key was given: pass api_key=... or set TWINKLE_SERVER_TOKEN)"
-        err.http_status = status  # type: ignore[attr-defined]
         return err
 
 
@@ -279,13 +277,6 @@ def _decode(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TwinkleError(f"the twinkle server sent a reply that is not JSON: {exc}") from None
-
-
-def _rejects_encoding(exc: TwinkleError) -> bool:
-    """A server that does not inflate request bodies: 415 (RFC 7694), or it tried to parse gzip."""
-    status = getattr(exc, "http_status", None)
-    text = exc.message.lower()
-    return status == 415 or (status == 400 and ("msgpack" in text or "content-encoding" in text))
 
 
 def _describe(exc: BaseException) -> str:

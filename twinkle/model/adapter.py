@@ -47,6 +47,8 @@ class AdapterState:
     consumed_train_samples: int = 0
     last_loss: float | None = None
     last_grad_norm: float | None = None
+    window_grad_norm: float | None = None
+    """The gradient norm ``clip_grad_norm`` measured in the current (or just stepped) window."""
 
     @property
     def loss_ignore_index(self) -> int:
@@ -74,4 +76,5 @@ class AdapterState:
             "lr": self.lr,
             "last_loss": self.last_loss,
             "last_grad_norm": self.last_grad_norm,
+            "window_grad_norm": self.window_grad_norm,
         }

@@ -12,12 +12,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint as ckpt
-from ..api import api_method
 from ..errors import CapacityError, CheckpointError, InvalidArgumentError, NotFoundError, StateError
 from ..hub import canonical_model_id, resolve_model_dir, split_id
 from ..loss import Loss
 from ..paths import atomic_directory
 from ..processor import InputProcessor
+from ..protocol.api import ModelAPI
 from ..protocol.names import check_adapter_name, check_checkpoint_name
 from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..registry import REGISTRY
@@ -32,19 +32,8 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class MultiLoraTransformersModel:
-    """A causal LM from transformers with up to ``max_loras`` LoRA adapters on one frozen base.
-
-    Each adapter has its own template, processor, loss, optimizer, LR scheduler, step
-    counter and gradient-accumulation window; no call on one adapter changes another.
-    Calls take ``adapter_name``; it may be left out while the model has exactly one adapter.
-
-    Gradient accumulation is exact: with ``gradient_accumulation_steps=k`` the weights
-    change on every k-th micro-batch, and the update equals one step on the k micro-batches
-    merged (losses are summed over tokens and divided by the window's token count). On the
-    other micro-batches ``clip_grad_norm`` returns None and ``step``, ``zero_grad`` and
-    ``lr_step`` do nothing and return False.
-    """
+class MultiLoraTransformersModel(ModelAPI):
+    """``ModelAPI`` on transformers and peft: adapters are peft LoRA adapters of one frozen base model."""
 
     def __init__(
         self,
@@ -102,7 +91,6 @@ class MultiLoraTransformersModel:
         """How many more adapters fit (``max_loras`` minus those in use)."""
         return self.max_loras - len(self._adapters)
 
-    @api_method()
     def add_adapter_to_model(
         self,
         adapter_name: str,
@@ -111,7 +99,6 @@ class MultiLoraTransformersModel:
         *,
         seed: int = 42,
     ) -> None:
-        """Add a LoRA adapter. Its weights start from ``seed``, so runs are reproducible."""
         check_adapter_name(adapter_name)
         config = self._check_lora_config(config)
         if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
@@ -145,9 +132,7 @@ class MultiLoraTransformersModel:
                 gradient_accumulation_steps=gradient_accumulation_steps,
             )
 
-    @api_method()
     def remove_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and free its slot."""
         with self._lock:
             state = self._adapter(adapter_name)
             assert self._peft is not None
@@ -200,35 +185,27 @@ class MultiLoraTransformersModel:
 
     # -------------------------------------------------------------- components
 
-    @api_method(deferred=True)
     def set_template(self, template_cls: str = "Template", *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Set the chat template used to encode conversations (defaults to this model's tokenizer)."""
         kwargs.setdefault("model_id", str(self.model_dir) if split_id(self.model_id)[0] == "builtin" else self.model_id)
         template = REGISTRY.build("template", template_cls, **kwargs)
         with self._lock:
             self._adapter(adapter_name).template = template
 
-    @api_method(deferred=True)
     def set_processor(
         self, processor_cls: str = "InputProcessor", *, adapter_name: str | None = None, **kwargs: Any
     ) -> None:
-        """Set the processor that collates a list of encoded samples into tensors."""
         processor = REGISTRY.build("processor", processor_cls, **kwargs)
         with self._lock:
             self._adapter(adapter_name).processor = processor
 
-    @api_method(deferred=True)
     def set_loss(self, loss_cls: str = "CrossEntropyLoss", *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Set the training loss (default: ``CrossEntropyLoss``, per-token mean)."""
         loss = REGISTRY.build("loss", loss_cls, **kwargs)
         if not isinstance(loss, Loss):
             raise InvalidArgumentError(f"{loss_cls!r} is not a twinkle loss")
         with self._lock:
             self._adapter(adapter_name).loss = loss
 
-    @api_method(deferred=True)
     def set_optimizer(self, optimizer_cls: str = "AdamW", *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Set the optimizer: any ``torch.optim`` class by name, over this adapter's weights only."""
         with self._lock:
             state = self._adapter(adapter_name)
             state.optimizer = REGISTRY.build("optimizer", optimizer_cls, self._params(state), **kwargs)
@@ -236,12 +213,9 @@ class MultiLoraTransformersModel:
             state.scheduler = None
             state.scheduler_spec = None
 
-    @api_method(deferred=True)
     def set_lr_scheduler(
         self, scheduler_cls: str = "LinearLR", *, adapter_name: str | None = None, **kwargs: Any
     ) -> None:
-        """Set the LR scheduler: any ``torch.optim.lr_scheduler`` class by name, or
-        ``LinearWarmupScheduler`` / ``CosineWarmupScheduler``. Call after ``set_optimizer``."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.optimizer is None:
@@ -275,9 +249,7 @@ class MultiLoraTransformersModel:
             state.template = Template(model_id=str(self.model_dir))
         return int(state.template.pad_token_id)
 
-    @api_method(deferred=True)
     def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
-        """Forward and backward on one micro-batch; gradients add up until the window is complete."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.optimizer is None:
@@ -287,6 +259,8 @@ class MultiLoraTransformersModel:
             batch = self._collate(state, inputs)
             model = self._activate(state)
             model.train()
+            if state.micro_in_window == 0:
+                state.window_grad_norm = None
             try:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 value = state.loss(out.logits, batch["labels"])
@@ -321,11 +295,9 @@ class MultiLoraTransformersModel:
                 gradient_accumulation_steps=state.gradient_accumulation_steps,
             )
 
-    @api_method()
     def forward_only(
         self, inputs: Any, *, adapter_name: str | None = None, return_logits: bool = False
     ) -> ForwardOutput:
-        """Forward without gradients; the loss where the batch has labels, logits on request."""
         with self._lock:
             state = self._adapter(adapter_name)
             batch = self._collate(state, inputs)
@@ -346,6 +318,7 @@ class MultiLoraTransformersModel:
         state.micro_in_window = 0
         state.tokens_in_window = 0
         state.grads_normalized = False
+        state.window_grad_norm = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -359,11 +332,9 @@ class MultiLoraTransformersModel:
                     param.grad.mul_(scale)
         state.grads_normalized = True
 
-    @api_method(deferred=True)
     def clip_grad_norm(
         self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *, adapter_name: str | None = None
     ) -> float | None:
-        """Clip the window's gradients; returns their norm before clipping, or None mid-window."""
         with self._lock:
             state = self._adapter(adapter_name)
             if not state.window_complete:
@@ -371,12 +342,10 @@ class MultiLoraTransformersModel:
             self._normalize_grads(state)
             grads = [p for p in self._params(state) if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm, norm_type=norm_type)
-            state.last_grad_norm = float(norm)
+            state.last_grad_norm = state.window_grad_norm = float(norm)
             return state.last_grad_norm
 
-    @api_method(deferred=True)
     def step(self, *, adapter_name: str | None = None) -> bool:
-        """Update the weights if the accumulation window is complete; returns whether it did."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.optimizer is None:
@@ -391,9 +360,7 @@ class MultiLoraTransformersModel:
             state.pending_lr_steps += 1
             return True
 
-    @api_method(deferred=True)
     def zero_grad(self, *, adapter_name: str | None = None) -> bool:
-        """Clear gradients, unless a window is being accumulated (then a no-op returning False)."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.micro_in_window:
@@ -403,9 +370,7 @@ class MultiLoraTransformersModel:
             state.grads_normalized = False
             return True
 
-    @api_method(deferred=True)
     def lr_step(self, *, adapter_name: str | None = None) -> bool:
-        """Advance the LR scheduler once per optimizer update; returns whether it advanced."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.scheduler is None or state.pending_lr_steps == 0:
@@ -414,9 +379,7 @@ class MultiLoraTransformersModel:
             state.pending_lr_steps = 0
             return True
 
-    @api_method(deferred=True)
     def clip_grad_and_step(self, max_grad_norm: float = 1.0, *, adapter_name: str | None = None) -> float | None:
-        """``clip_grad_norm``, ``step``, ``zero_grad`` and ``lr_step`` in one call."""
         with self._lock:
             norm = self.clip_grad_norm(max_grad_norm, adapter_name=adapter_name)
             self.step(adapter_name=adapter_name)
@@ -424,15 +387,12 @@ class MultiLoraTransformersModel:
             self.lr_step(adapter_name=adapter_name)
             return norm
 
-    @api_method()
     def get_train_state(self, *, adapter_name: str | None = None) -> dict[str, Any]:
-        """The adapter's counters: steps, consumed samples, accumulation position, LR, last loss."""
         with self._lock:
             return self._adapter(adapter_name).progress()
 
     # ------------------------------------------------------------- checkpoints
 
-    @api_method()
     def save(
         self,
         name: str,
@@ -441,8 +401,6 @@ class MultiLoraTransformersModel:
         adapter_name: str | None = None,
         save_dir: str | None = None,
     ) -> str:
-        """Save the adapter (PEFT format) as ``<save_dir>/<name>``; with ``save_optimizer`` also
-        the full training state. Returns the checkpoint's path. The write is atomic."""
         check_checkpoint_name(name)
         with self._lock:
             state = self._adapter(adapter_name)
@@ -500,10 +458,7 @@ class MultiLoraTransformersModel:
             last_loss=state.last_loss,
         ).write(folder)
 
-    @api_method()
     def load(self, name: str, load_optimizer: bool = False, *, adapter_name: str | None = None) -> None:
-        """Load a checkpoint's weights into the adapter; with ``load_optimizer`` also its optimizer,
-        scheduler, counters, accumulated gradients and RNG states. Checked fully before anything changes."""
         with self._lock:
             state = self._adapter(adapter_name)
             folder = ckpt.check_checkpoint_dir(name, need_training_state=load_optimizer)
@@ -541,6 +496,7 @@ class MultiLoraTransformersModel:
             state.tokens_in_window = counters["tokens_in_window"]
             state.pending_lr_steps = counters["pending_lr_steps"]
             state.grads_normalized = counters["grads_normalized"]
+            state.window_grad_norm = None
             grads = training_state["grads"]
             for param, grad in zip(self._params(state), grads or [None] * len(self._params(state)), strict=True):
                 param.grad = None if grad is None else grad.to(param.device, param.dtype)
@@ -576,12 +532,9 @@ class MultiLoraTransformersModel:
             raise CheckpointError(f"checkpoint's optimizer state does not fit adapter {state.name!r}: {exc}") from None
         return optimizer, scheduler
 
-    @api_method()
     def resume_from_checkpoint(
         self, name: str, *, resume_only_model: bool = False, adapter_name: str | None = None
     ) -> dict[str, int]:
-        """Load a checkpoint (with its training state unless ``resume_only_model``) and return
-        ``{cur_step, consumed_train_samples, gradient_accumulation_steps}`` for the dataloader."""
         self.load(name, load_optimizer=not resume_only_model, adapter_name=adapter_name)
         with self._lock:
             state = self._adapter(adapter_name)
@@ -600,15 +553,17 @@ class MultiLoraTransformersModel:
                 "gradient_accumulation_steps": state.gradient_accumulation_steps,
             }
 
-    @api_method()
     def upload_to_hub(
         self, checkpoint_dir: str, hub_model_id: str, hub_token: str | None = None, async_upload: bool = False
-    ) -> None:
-        """Upload a checkpoint folder to ModelScope (``ms://`` or a bare id) or Hugging Face (``hf://``)."""
+    ) -> str | None:
         from ..hub import upload_folder
+        from ..uploads import LOCAL
 
         folder = ckpt.check_checkpoint_dir(checkpoint_dir)
+        if async_upload:
+            return LOCAL.start(None, folder, str(folder), hub_model_id, hub_token).upload_id
         upload_folder(folder, hub_model_id, token=hub_token)
+        return None
 
 
 def _spec_name(name_or_cls: Any) -> str:

@@ -4,7 +4,7 @@ Each class carries a stable ``code`` and the HTTP ``status`` the server answers 
 server sends the code over the wire and the client raises the same class again, so
 ``except twinkle.errors.CapacityError`` works the same locally and remotely. Details a layer
 needs besides the message travel as fields (``request_id``, ``call``, ``blocked_by``,
-``paths``), never as edits of the message text.
+``aliases``), never as edits of the message text.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ class TwinkleError(Exception):
     ``call``: for a failed remote call, the method that failed (``'step'``).
     ``blocked_by``: for a call that never ran because an earlier call of the same object
     failed, that earlier error.
-    ``paths``: file paths the message names, mapped to what a remote user may see instead
-    (the server's error scrubber applies them where errors leave the server).
+    ``aliases``: names in the message that a remote user knows by another name (a server
+    folder and its ``twinkle://`` path, the server's name for an adapter and the user's);
+    the server's error scrubber applies them where errors leave the server.
     """
 
     code = "twinkle_error"
@@ -33,14 +34,14 @@ class TwinkleError(Exception):
         request_id: str | None = None,
         call: str | None = None,
         blocked_by: TwinkleError | None = None,
-        paths: Mapping[str, str] | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.request_id = request_id
         self.call = call
         self.blocked_by = blocked_by
-        self.paths = dict(paths or {})
+        self.aliases = dict(aliases or {})
 
     def __str__(self) -> str:
         if self.request_id:

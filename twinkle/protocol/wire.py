@@ -20,9 +20,9 @@ Remote objects (bodies in msgpack, see ``codec``; JSON also accepted)::
 
 Request bodies may be gzipped (``Content-Encoding: gzip``: the client sends large call
 batches so); a server that cannot inflate them answers 415 and gets plain bodies after.
-``add_adapter_to_model``'s call result is ``{"training_run_id": <run id>}`` (the client keeps
-it as ``model.training_run_id`` and returns None, as the local method does);
-``resume_from_checkpoint``'s dict adds the ``training_run_id`` the adapter trains from then on.
+A call's ``value`` is what the local method returns (``twinkle.protocol.api`` declares the
+few that are spelled differently remotely); a model call's ``training_run_id`` says which
+run its adapter trains afterwards (the client keeps it as ``model.training_run_id``).
 A dataloader's ``_twinkle_next`` answers ``{"batches": [...], "sizes": [samples per batch], "end"}``.
 
 Every error body is ``ErrorResponse``. Checkpoints are named by ``twinkle://`` paths
@@ -231,7 +231,11 @@ class CallResult(_Model):
     seq: int
     ok: bool
     value: Any = None
+    """The method's return value: the same value the local method returns."""
     error: ErrorInfo | None = None
+    training_run_id: str | None = None
+    """For a model call: the training run the call's adapter trains once the call ran (None
+    when it has no adapter). It travels beside the value so that the value stays the local one."""
 
 
 class CallBatchResult(_Model):

@@ -1,7 +1,10 @@
-"""Background uploads of checkpoints to a model hub, with a status a client can poll.
+"""Background uploads of checkpoints to a model hub, with a status that can be polled.
 
-Jobs live in memory (an upload does not survive a restart, and its status is of no use
-after one). A hub token is handed to the upload and otherwise neither kept nor logged.
+``upload_to_hub(..., async_upload=True)`` starts a job here and returns its id, locally and
+on a server alike. Each job has an ``owner`` (None locally, the user on a server): only the
+owner can see it. Jobs live in memory (an upload does not survive a restart, and its status
+is of no use after one). A hub token is handed to the upload and otherwise neither kept nor
+logged.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from twinkle.errors import NotFoundError, first_line
 from twinkle.protocol.names import split_hub_id
 from twinkle.protocol.wire import UploadStatus
 
-log = logging.getLogger("twinkle_server.uploads")
+log = logging.getLogger("twinkle.uploads")
 UPLOAD_TIMEOUT_S = 30.0
 MAX_JOBS_KEPT = 1000
 
@@ -25,9 +29,10 @@ MAX_JOBS_KEPT = 1000
 @dataclass
 class UploadJob:
     upload_id: str
-    user_id: int
+    owner: Hashable
     hub_model_id: str
-    twinkle_path: str
+    label: str
+    """How the checkpoint is named to the owner (its folder locally, its twinkle:// path remotely)."""
     status: str = "queued"
     error: str | None = None
     progress: str | None = None
@@ -43,7 +48,7 @@ class UploadJob:
         )
 
 
-class UploadManager:
+class UploadJobs:
     """Starts upload threads and answers status queries, owner-checked."""
 
     def __init__(self) -> None:
@@ -51,10 +56,10 @@ class UploadManager:
         self._lock = threading.Lock()
 
     def start(
-        self, user_id: int, folder: Path, twinkle_path: str, hub_model_id: str, hub_token: str | None
+        self, owner: Hashable, folder: Path, label: str, hub_model_id: str, hub_token: str | None
     ) -> UploadJob:
         split_hub_id(hub_model_id, "hub_model_id")
-        job = UploadJob(f"up-{secrets.token_hex(8)}", user_id, hub_model_id, twinkle_path)
+        job = UploadJob(f"up-{secrets.token_hex(8)}", owner, hub_model_id, label)
         with self._lock:
             self._jobs[job.upload_id] = job
             if len(self._jobs) > MAX_JOBS_KEPT:
@@ -67,36 +72,43 @@ class UploadManager:
         thread.start()
         return job
 
-    def busy(self, twinkle_path: str) -> bool:
-        """Whether an upload of the checkpoint ``twinkle_path`` is queued or running (its folder
-        must then be neither deleted nor replaced)."""
+    def busy(self, label: str) -> bool:
+        """Whether an upload of the checkpoint ``label`` is queued or running (its folder must
+        then be neither deleted nor replaced)."""
         with self._lock:
-            return any(
-                j.twinkle_path == twinkle_path and j.status in ("queued", "running") for j in self._jobs.values()
-            )
+            return any(j.label == label and j.status in ("queued", "running") for j in self._jobs.values())
 
-    def get(self, user_id: int, upload_id: str) -> UploadStatus:
+    def get(self, owner: Hashable, upload_id: str) -> UploadStatus:
         with self._lock:
-            job = self._jobs.get(upload_id)
-            if job is None or job.user_id != user_id:
+            job = self._jobs.get(upload_id) if isinstance(upload_id, str) else None
+            if job is None or job.owner != owner:
                 raise NotFoundError(f"no upload {upload_id!r}")
             return job.view()
 
     def _run(self, job: UploadJob, folder: Path, hub_token: str | None) -> None:
-        from twinkle.hub import upload_folder
+        from .hub import upload_folder
 
         job.status = "running"
-        job.progress = f"uploading {job.twinkle_path}"
+        job.progress = f"uploading {job.label}"
         try:
             upload_folder(folder, job.hub_model_id, token=hub_token, timeout=UPLOAD_TIMEOUT_S)
         except Exception as exc:  # every failure ends the job with one readable line
             message = first_line(exc)
-            # The hub helpers name the local folder; clients only ever see twinkle:// paths.
-            job.error = message.replace(str(folder), job.twinkle_path)
+            # The hub helpers name the folder; the owner knows the checkpoint by its label.
+            job.error = message.replace(str(folder), job.label)
             job.status = "failed"
             job.progress = None
-            log.info("upload %s of %s failed: %s", job.upload_id, job.twinkle_path, job.error)
+            log.info("upload %s of %s failed: %s", job.upload_id, job.label, job.error)
         else:
             job.status = "completed"
             job.progress = None
-            log.info("upload %s of %s to %s completed", job.upload_id, job.twinkle_path, job.hub_model_id)
+            log.info("upload %s of %s to %s completed", job.upload_id, job.label, job.hub_model_id)
+
+
+LOCAL = UploadJobs()
+"""The uploads of local models (owner None)."""
+
+
+def upload_status(upload_id: str) -> UploadStatus:
+    """The status of a local ``upload_to_hub(..., async_upload=True)``."""
+    return LOCAL.get(None, upload_id)
