@@ -17,11 +17,10 @@ EXT = "twinkle_jupyter"
 def _twinkle_threads(wait_s: float = 0.0) -> list[str]:
     """The plot threads alive, after waiting up to ``wait_s`` for them to end."""
     deadline = time.monotonic() + wait_s
-    while True:
-        names = [t.name for t in threading.enumerate() if t.name.startswith("twinkle-loss-plot")]
-        if not names or time.monotonic() >= deadline:
-            return names
-        time.sleep(0.02)
+    for thread in threading.enumerate():
+        if thread.name.startswith("twinkle-loss-plot"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t.name.startswith("twinkle-loss-plot") and t.is_alive()]
 
 
 @pytest.fixture
@@ -127,11 +126,10 @@ def test_bad_arguments_are_one_line_usage_errors(
 def test_server_down_is_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str) -> None:
     ip.run_line_magic("load_ext", EXT)
     ip.run_cell("from twinkle_client import init_twinkle_client; init_twinkle_client()")
-    start = time.monotonic()
     result = ip.run_cell(line)
     captured = capsys.readouterr()
     assert result.success  # a monitoring line must not stop "Run all"
-    assert time.monotonic() - start < 10
+    # The health check's message (at once), not that of a call that retried for a minute.
     assert captured.err.strip() == "twinkle: cannot reach the twinkle server at http://127.0.0.1:9"
 
 
@@ -206,24 +204,58 @@ def test_ctrl_c_stops_at_the_next_model_call_and_restores_the_handler(ip: Intera
     assert ip.user_ns["h"] == before
 
 
-def test_hook_cost_per_call_is_small(ip: InteractiveShell) -> None:
+def test_hook_does_no_work_once_the_run_has_its_plot(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What it costs per step is measured by benchmarks/bench_plot.py; here: that it does nothing.
     ip.run_line_magic("load_ext", EXT)
     from twinkle_client.events import TrainingEvent
     from twinkle_jupyter.session import get_session
 
     session = get_session(ip)
+    monkeypatch.setattr(session, "_begin_run", lambda run_id: pytest.fail(f"a plot opened again for {run_id}"))
+    monkeypatch.setattr(session, "_install_sigint", lambda: pytest.fail("the SIGINT handler installed again"))
     session._in_cell = True
     session._cell_runs.add("run-fake")  # steady state: the run's plot exists
-    event = TrainingEvent(kind="forward_backward", model=_FakeModel(), run_id="run-fake", method="forward_backward")
-    step = TrainingEvent(kind="step", model=_FakeModel(), run_id="run-fake", method="step")
-    n = 20_000
-    start = time.perf_counter()
-    for _ in range(n):
-        session._on_event(event)
-        session._on_event(step)
-    per_step_ms = (time.perf_counter() - start) / n * 1e3
+    before = (set(session.kernel_runs), dict(session._cell_models), list(session.plots))
+    for kind in ("forward_backward", "step", "save"):
+        session._on_event(TrainingEvent(kind=kind, model=_FakeModel(), run_id="run-fake", method=kind))
+    assert (set(session.kernel_runs), dict(session._cell_models), list(session.plots)) == before
     session._in_cell = False
-    assert per_step_ms < 0.5, per_step_ms
+
+
+def test_the_hook_never_raises_into_training_and_a_stop_request_ends_with_its_cell(ip: InteractiveShell) -> None:
+    import twinkle_client.interrupt as interrupt
+    import twinkle_jupyter
+    from twinkle_jupyter.session import TrainingInterrupted
+
+    assert TrainingInterrupted is interrupt.TrainingInterrupted is twinkle_jupyter.TrainingInterrupted
+    ip.run_line_magic("load_ext", EXT)
+    ip.run_cell("%config TwinkleMagics.auto_plot = False")
+    ip.user_ns.update(_emit=_emit, _forward_backward=_forward_backward)
+    # A stop request does not make the event listener raise: only the client's check does.
+    result = ip.run_cell("import twinkle_client.interrupt as i\ni.request_stop()\n_emit()\nstill = i.stop_requested()")
+    assert result.success and ip.user_ns["still"] is True
+    assert not interrupt.stop_requested()  # the cell's end withdrew it
+    interrupt.request_stop()  # left by code outside any cell: the next cell starts without it
+    result = ip.run_cell("_forward_backward()\n_forward_backward()")
+    assert result.success
+    interrupt.clear_stop()
+
+
+def test_help_is_generated_from_the_parser(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    ip.run_line_magic("load_ext", EXT)
+    for line in ("%twinkle", "%twinkle help", "%twinkle --help"):
+        assert ip.run_cell(line).success
+        out = capsys.readouterr().out
+        assert out.startswith("usage: %twinkle")
+        listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.strip()}
+        assert {"help", "connect", "status", "runs", "checkpoints", "plot", "resume"} <= listed, out
+        assert "checkpoints (ckpts)" in out
+    for line in ("%twinkle help plot", "%twinkle plot -h"):
+        assert ip.run_cell(line).success
+        out = capsys.readouterr().out
+        assert out.startswith("usage: %twinkle plot") and "--smoothing W" in out and "--x {step,time}" in out
+    assert ip.run_cell("%twinkle help resume").success
+    assert "--model MODEL" in capsys.readouterr().out
 
 
 def test_plain_import_names() -> None:
@@ -320,10 +352,9 @@ def test_browsers_without_server_say_so_in_their_status_line() -> None:
     from twinkle_jupyter import CheckpointBrowser, RunBrowser
 
     dead = TwinkleClient("http://127.0.0.1:9")
-    start = time.monotonic()
     rb = RunBrowser(client=dead, namespace={})
     cb = CheckpointBrowser("run-x", client=dead, namespace={})
-    assert time.monotonic() - start < 10
+    # The health check's message (at once), not that of a call that retried for a minute.
     for browser in (rb, cb):
         assert browser.last_message == "cannot reach the twinkle server at http://127.0.0.1:9"
         browser.close()

@@ -16,6 +16,7 @@ blocked in a training loop. Nothing here prints. The picture is drawn by
 from __future__ import annotations
 
 import base64
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -108,12 +109,12 @@ class LossPlot(widgets.VBox):
         self._renderer = PlotRenderer(width, height)
         self._lock = self._poller.lock
         self._dirty = True
-        self._last_draw = 0.0
-        self._last_points_sync = 0.0
+        self._last_draw = -math.inf  # the first picture is never held back
+        self._last_points_sync = -math.inf
         self._draw_error: str | None = None
         self._status = "live"
         self._message: str | None = None
-        self._last_status_check = 0.0
+        self._last_status_check = -math.inf
         self._last_change = time.monotonic()
         self.redraws = 0
         self.handle: Any = None
@@ -399,8 +400,9 @@ class LossPlot(widgets.VBox):
 
     def close(self) -> None:
         """Stop the poller and close the widgets."""
-        self.stop(timeout=0.5)
-        for control in self._controls.values():
-            control.close()
-        self.view.close()
+        if "view" in self.__dict__:  # else the constructor failed (close runs from __del__ too)
+            self.stop(timeout=0.5)
+            for control in self._controls.values():
+                control.close()
+            self.view.close()
         super().close()
