@@ -301,3 +301,67 @@ def raw_client() -> Iterator[Callable[[Any, str | None], RawClient]]:
 def raw_helpers() -> SimpleNamespace:
     """``raw_dataloader``, ``raw_model`` and ``train_steps`` (see the comment above)."""
     return SimpleNamespace(raw_dataloader=raw_dataloader, raw_model=raw_model, train_steps=train_steps)
+
+
+# ------------------------------------------------------------------ test categories
+# Every test has exactly one of four markers (registered in pyproject.toml, --strict-markers):
+#
+# - ``unit``: in the test process only: no server process, no Jupyter kernel, no browser.
+# - ``server``: starts a twinkle-server process or uses one (the fixtures above).
+# - ``notebook``: runs a real Jupyter kernel (jupyter_client, nbclient).
+# - ``browser``: drives Chromium through Playwright.
+#
+# A module states its category with ``pytestmark = pytest.mark.unit`` (a module with tests of
+# several categories marks each test instead). Modules that do not mark their tests yet get a
+# category from TEST_CATEGORY_TABLE, keyed by file name (``test_x.py``) or by one test of a file
+# (``test_x.py::test_name``, which wins over the file's entry). An entry only fills in for tests
+# without a category marker of their own, so a module that adds its pytestmark can drop its
+# entries here whenever convenient. Collection stops with an error listing every test that ends
+# up with no category or more than one, and every ``unit`` test that asks for a server fixture.
+
+TEST_CATEGORIES = ("unit", "server", "notebook", "browser")
+
+TEST_CATEGORY_TABLE: dict[str, str] = {
+    "test_browser_jupyter.py": "browser",
+    "test_client_api_drift.py": "unit",
+    "test_client_codec.py": "unit",
+    "test_client_loopback.py": "unit",  # its HTTP servers are threads of the test process
+    "test_data.py": "unit",
+    "test_jupyter_history.py": "unit",
+    "test_jupyter_ipython.py": "unit",  # an in-process IPython shell, not a kernel
+    "test_jupyter_ipython.py::test_a_failed_connect_keeps_the_working_connection": "server",
+    "test_jupyter_kernel.py": "notebook",
+    "test_jupyter_kernel.py::test_browsers_page_compare_delete_and_resume": "server",  # no kernel
+    "test_library_schedulers.py": "unit",
+    "test_model.py": "unit",
+    "test_remote_seed.py": "server",
+    "test_server_training.py": "server",
+}
+
+# Fixtures that start or use a server process: a test that needs one (directly or through
+# another fixture) cannot be a ``unit`` test.
+SERVER_FIXTURES = frozenset({"start_server", "server", "server_user"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects tests by their markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
+    for item in items:
+        own = {m.name for m in item.iter_markers() if m.name in TEST_CATEGORIES}
+        if not own:
+            file_name = item.path.name
+            test_name = getattr(item, "originalname", item.name)
+            listed = TEST_CATEGORY_TABLE.get(f"{file_name}::{test_name}", TEST_CATEGORY_TABLE.get(file_name))
+            if listed is not None:
+                item.add_marker(listed)
+                own = {listed}
+        if len(own) != 1:
+            found = ", ".join(sorted(own)) or "none"
+            problems.append(f"{item.nodeid}: {found} (needs exactly one of {', '.join(TEST_CATEGORIES)})")
+        elif own == {"unit"} and SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            problems.append(f"{item.nodeid}: unit, but it uses a server fixture (mark it server)")
+    if problems:
+        raise pytest.UsageError(
+            "tests with a missing or wrong category marker (see 'test categories' in tests/conftest.py):\n  "
+            + "\n  ".join(problems)
+        )

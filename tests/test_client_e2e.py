@@ -25,6 +25,8 @@ from twinkle.dataset import DatasetMeta
 from twinkle_client import client as client_mod
 from twinkle_client import init_twinkle_client
 
+pytestmark = pytest.mark.server
+
 MODEL = "builtin://tiny-qwen2"
 DATA = "builtin://self-cognition"
 

@@ -10,6 +10,8 @@ from twinkle.errors import StateError
 from twinkle.model import ForwardBackwardOutput
 from twinkle_client.lazy import CallFuture, LazyOutput, LazyValue, lazy_class_for
 
+pytestmark = pytest.mark.unit
+
 
 def _read(future: CallFuture, timeout: float | None) -> object:
     if not future.wait(timeout):

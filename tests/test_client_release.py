@@ -9,7 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from peft import LoraConfig
+
+pytestmark = pytest.mark.server
 
 SCRIPT = """
 import os

@@ -14,6 +14,8 @@ import twinkle.dataloader
 import twinkle.dataset
 import twinkle.model
 
+pytestmark = pytest.mark.server
+
 MODEL = "builtin://tiny-qwen2"
 ROWS = 48
 BATCH = 4

@@ -14,6 +14,8 @@ import pytest
 
 from twinkle.protocol import codec
 
+pytestmark = pytest.mark.server
+
 KEY = re.compile(r"tk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")
 
 

@@ -13,6 +13,8 @@ from peft import LoraConfig
 
 from twinkle.protocol import codec
 
+pytestmark = pytest.mark.server
+
 STATUS = {"invalid_argument": 400, "unknown_component": 400, "invalid_checkpoint": 400, "not_found": 404,
           "capacity": 409, "invalid_state": 409}
 

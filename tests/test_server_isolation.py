@@ -16,6 +16,8 @@ import pytest
 
 from twinkle.protocol import codec
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def two_users(server, add_user, raw_client, raw_helpers) -> SimpleNamespace:

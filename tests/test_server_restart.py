@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from peft import LoraConfig
+
+pytestmark = pytest.mark.server
 
 
 def test_restart_keeps_state_and_reconciles(tmp_path: Path, start_server, add_user, raw_client, raw_helpers) -> None:

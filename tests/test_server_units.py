@@ -12,6 +12,8 @@ from twinkle_server.worker import DeviceWorker, WorkerStopped
 
 from twinkle.protocol import codec
 
+pytestmark = pytest.mark.unit
+
 
 def test_worker_serves_users_round_robin_and_in_order() -> None:
     worker = DeviceWorker()
