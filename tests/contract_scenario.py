@@ -19,13 +19,13 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from twinkle.protocol.api import DATALOADER, DATASET, MODEL, ApiClass, Returns
-from twinkle.protocol.names import TWINKLE_SCHEME
+from twinkle.protocol.names import TWINKLE_SCHEME, split_twinkle_path
 
 MODEL_ID = "builtin://tiny-qwen2"
 DATASET_ID = "builtin://self-cognition"
@@ -299,8 +299,7 @@ def compare(local: Record, remote: Record, side: str) -> list[str]:
         if a.label != b.label:
             problems.append(f"{side}: call {i} is {b.label} remotely but {a.label} locally; stopped comparing")
             return problems
-        returns = _api(a.kind).methods[a.method].returns if a.method in _api(a.kind).methods else Returns.VALUE
-        for problem in compare_value(returns, a.value, b.value):
+        for problem in compare_value(_api(a.kind).methods[a.method].returns, a.value, b.value):
             problems.append(f"{side}: {a.label} {a.call}: {problem}")
     if len(local.entries) != len(remote.entries):
         problems.append(f"{side}: {len(remote.entries)} values remotely, {len(local.entries)} locally")
@@ -312,14 +311,15 @@ def compare_value(returns: Returns, local: Any, remote: Any) -> list[str]:
     if returns is Returns.VALUE:
         return same(local, remote)
     if returns is Returns.CHECKPOINT:
+        # The checkpoint's folder locally, its twinkle://<run>/weights/<name> path remotely.
         problems = []
         if not isinstance(local, str) or not Path(local).is_dir():
             problems.append(f"local checkpoint {local!r} is not a folder")
-        if not isinstance(remote, str) or not remote.startswith(TWINKLE_SCHEME):
-            return [*problems, f"remote checkpoint {remote!r} is not a {TWINKLE_SCHEME} path"]
-        if isinstance(local, str) and Path(local).name != PurePosixPath(remote).name:
-            problems.append(f"checkpoint names differ: {Path(local).name!r} locally, "
-                            f"{PurePosixPath(remote).name!r} remotely")
+        parsed = split_twinkle_path(remote)
+        if parsed is None:
+            return [*problems, f"remote checkpoint {remote!r} is not a {TWINKLE_SCHEME}<run>/weights/<name> path"]
+        if isinstance(local, str) and Path(local).name != parsed[1]:
+            problems.append(f"checkpoint names differ: {Path(local).name!r} locally, {parsed[1]!r} remotely")
         return problems
     if returns is Returns.UPLOAD_ID:
         if (local is None) != (remote is None) or not isinstance(remote, str | type(None)):
