@@ -79,12 +79,23 @@ class Record:
         return value
 
     def resolve(self) -> None:
-        """Replace lazy values (deferred remote calls) by what they resolve to."""
+        """Replace lazy values (deferred remote calls) by what they resolve to; a failed call's
+        by ``Failed`` (the scenario has raised its error already, or will at its next call)."""
         from twinkle_client.lazy import Lazy
 
         for entry in self.entries:
             if isinstance(entry.value, Lazy):
-                entry.value = entry.value.result()
+                try:
+                    entry.value = entry.value.result()
+                except Exception as exc:
+                    entry.value = Failed(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Stands for the value of a deferred call that failed."""
+
+    error: str
 
 
 def _short(value: Any) -> str:
@@ -190,7 +201,11 @@ def run_scenario(classes: Classes, extra_data: Path) -> tuple[Record, list[Any]]
     try:
         _scenario(classes, extra_data, make, LoraConfig, DatasetMeta)
         record.resolve()
+        failed = [f"{e.label}: {e.value.error}" for e in record.entries if isinstance(e.value, Failed)]
+        if failed:
+            raise RuntimeError(f"deferred calls failed: {'; '.join(failed)}")
     except BaseException as exc:
+        record.resolve()
         exc.record = record  # type: ignore[attr-defined]
         exc.objects = objects  # type: ignore[attr-defined]
         raise
