@@ -132,15 +132,16 @@ def _write_checkpoint(folder: Path, *, training_state: bool = False) -> None:
 def _book(tmp_path: Path, model=None):
     from twinkle_server.runs import RunBook
     from twinkle_server.settings import Settings
-    from twinkle_server.uploads import UploadManager
+
+    from twinkle.uploads import UploadJobs
 
     store, user, run = _store_with_run(tmp_path)
     settings = Settings(data_dir=tmp_path / "data")
-    return RunBook(store, settings, model, UploadManager()), user, run
+    return RunBook(store, settings, model, UploadJobs()), user, run
 
 
 def _handle(book, user, run):
-    from twinkle_server.runs import AdapterLink, ModelHandle
+    from twinkle_server.model_handle import AdapterLink, ModelHandle
 
     handle = ModelHandle(book, user, "obj-test")
     handle.links["default"] = AdapterLink("default", "obj-test.default", run)
@@ -159,16 +160,16 @@ def test_bookkeeping_failure_does_not_fail_a_call_that_ran(tmp_path: Path, caplo
     for name in ("add_metric_point", "update_run_progress", "complete_step"):
         setattr(book.store, name, broken)
     with caplog.at_level(logging.ERROR, logger="twinkle_server"):
-        out = handle.call("forward_backward", [[{"input_ids": [1, 2]}]], {}, request_id="req-abc123")
+        out, _ = handle.call("forward_backward", [[{"input_ids": [1, 2]}]], {}, request_id="req-abc123")
         assert out.micro_step == 1
-        assert handle.call("step", [], {}, request_id="req-def456") is True
+        assert handle.call("step", [], {}, request_id="req-def456")[0] is True
     logged = caplog.text
     assert "req-abc123" in logged and "req-def456" in logged and "disk I/O error" in logged
     book.store.close()
 
 
 def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
-    from twinkle_server import runs
+    from twinkle_server import checkpoints
 
     from twinkle.errors import NotFoundError
     from twinkle.protocol.names import twinkle_path
@@ -177,34 +178,34 @@ def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
     weights = book.settings.run_weights_dir(run)
     for name in ("ck", "other"):
         _write_checkpoint(weights / name)
-        book.record_checkpoint(run, name, weights / name)
-    real_rmtree = runs.shutil.rmtree
+        book.checkpoints.record(run, name)
+    real_rmtree = checkpoints.shutil.rmtree
 
     def crash(path, ignore_errors=False):
         (Path(path) / "adapter_model.safetensors").unlink()  # a part of the folder is gone...
         raise KeyboardInterrupt  # ... and the server dies
 
-    monkeypatch.setattr(runs.shutil, "rmtree", crash)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", crash)
     with pytest.raises(KeyboardInterrupt):
         book.delete_checkpoint(user.id, run, "ck")
-    monkeypatch.setattr(runs.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", real_rmtree)
     # The checkpoint is gone for readers; nothing half-deleted looks like a checkpoint.
     assert not (weights / "ck").exists()
     with pytest.raises(NotFoundError):
-        book.resolve(user.id, twinkle_path(run, "ck"))
+        book.checkpoints.resolve(user.id, twinkle_path(run, "ck"))
     assert [p.name.startswith(".del-ck-") for p in weights.iterdir() if p.name != "other"] == [True]
     # A folder with its metadata but without its weights is not a checkpoint either.
     (weights / "other" / "adapter_model.safetensors").unlink()
     with pytest.raises(NotFoundError):
-        book.resolve(user.id, twinkle_path(run, "other"))
-    counts = runs.reconcile(book.store, book.settings)
+        book.checkpoints.resolve(user.id, twinkle_path(run, "other"))
+    counts = checkpoints.reconcile(book.store, book.settings)
     assert counts["removed_tmp"] == 1 and counts["dropped"] == 1
     assert [p.name for p in weights.iterdir()] == ["other"] and book.store.all_checkpoints() == []
     book.store.close()
 
 
 def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path) -> None:
-    from twinkle_server import runs
+    from twinkle_server import checkpoints
 
     from twinkle.protocol.names import twinkle_path
 
@@ -212,33 +213,32 @@ def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path)
     weights = book.settings.run_weights_dir(run)
     # The crash came between atomic_directory's renames: only `.old-<name>-<pid>` is left.
     _write_checkpoint(weights / "ck", training_state=True)
-    book.record_checkpoint(run, "ck", weights / "ck")
+    book.checkpoints.record(run, "ck")
     (weights / "ck").rename(weights / ".old-ck-4242")
     _write_checkpoint(weights / ".old-my-ck-17")  # no row: restored and recorded
     _write_checkpoint(weights / ".old-half-5")  # incomplete: removed, never restored
     (weights / ".old-half-5" / "adapter_model.safetensors").unlink()
     _write_checkpoint(weights / "kept")
-    book.record_checkpoint(run, "kept", weights / "kept")
+    book.checkpoints.record(run, "kept")
     _write_checkpoint(weights / ".old-kept-9")  # the new folder is in place: the old one goes
-    counts = runs.reconcile(book.store, book.settings)
+    counts = checkpoints.reconcile(book.store, book.settings)
     assert counts["restored"] == 2 and counts["removed_tmp"] == 2 and counts["dropped"] == 0
     assert sorted(p.name for p in weights.iterdir()) == ["ck", "kept", "my-ck"]
     assert sorted(book.store.all_checkpoints()) == [(run, "ck"), (run, "kept"), (run, "my-ck")]
-    row, folder = book.resolve(user.id, twinkle_path(run, "ck"))
+    row, folder = book.checkpoints.resolve(user.id, twinkle_path(run, "ck"))
     assert folder == weights / "ck" and row.has_optimizer
     book.store.close()
 
 
 def test_no_delete_or_overwrite_while_uploading(tmp_path: Path) -> None:
-    from twinkle_server.uploads import UploadJob
-
     from twinkle.errors import StateError
     from twinkle.protocol.names import twinkle_path
+    from twinkle.uploads import UploadJob
 
     model = _FakeModel()
     book, user, run = _book(tmp_path, model)
     handle = _handle(book, user, run)
-    assert handle.call("save", ["ck"], {}) == twinkle_path(run, "ck")
+    assert handle.call("save", ["ck"], {})[0] == twinkle_path(run, "ck")
     job = UploadJob("up-1", user.id, "org/name", twinkle_path(run, "ck"), status="running")
     book.uploads._jobs[job.upload_id] = job
     message = f"checkpoint {twinkle_path(run, 'ck')} is being uploaded; try again when the upload ends"
@@ -248,7 +248,7 @@ def test_no_delete_or_overwrite_while_uploading(tmp_path: Path) -> None:
     with pytest.raises(StateError) as err:
         handle.call("save", ["ck"], {"save_optimizer": False})
     assert err.value.message == message and model.saved == ["ck"]
-    assert handle.call("save", ["another"], {}) == twinkle_path(run, "another")  # other names are fine
+    assert handle.call("save", ["another"], {})[0] == twinkle_path(run, "another")  # other names are fine
     job.status = "failed"
     assert book.delete_checkpoint(user.id, run, "ck") == twinkle_path(run, "ck")
     book.store.close()
@@ -307,7 +307,8 @@ def test_request_bodies_are_capped(monkeypatch) -> None:
 
     from starlette.requests import Request
     from twinkle_server import wire
-    from twinkle_server.errors import status_for
+
+    from twinkle.protocol.errors import status_for
 
     monkeypatch.setattr(wire, "MAX_BODY_BYTES", 1000)
 
@@ -344,6 +345,7 @@ def test_in_flight_idempotent_duplicate_must_be_the_same_request(tmp_path: Path)
     import httpx
     from twinkle_server.app import create_app
     from twinkle_server.auth import create_user
+    from twinkle_server.errors import ErrorScrubber
     from twinkle_server.objects import ObjectRegistry
     from twinkle_server.settings import Settings
 
@@ -364,28 +366,49 @@ def test_in_flight_idempotent_duplicate_must_be_the_same_request(tmp_path: Path)
             await self.release.wait()
             return object()
 
+        def error_info(self, exc, request_id, *, call=None):
+            return ErrorScrubber().info(exc, request_id, call=call)
+
+    class Pending(dict):
+        """The app's creations in progress, telling the test when a request reaches them: ``added``
+        when the first request registers its creation, ``found`` when a later one finds it (that
+        request then waits for the first one's outcome before it yields to the event loop)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.added, self.found = asyncio.Event(), asyncio.Event()
+
+        def __setitem__(self, key, value) -> None:
+            super().__setitem__(key, value)
+            self.added.set()
+
+        def __contains__(self, key) -> bool:
+            hit = super().__contains__(key)
+            if hit:
+                self.found.set()
+            return hit
+
     async def main() -> None:
         ctx = Ctx()
         app = create_app(ctx)  # type: ignore[arg-type]
+        pending = app.state.pending_creations = Pending()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": codec.CONTENT_TYPE, "Idempotency-Key": "k1"}
         body = codec.pack({"kind": "dataset", "args": ["builtin://self-cognition"], "kwargs": {}})
         other = codec.pack({"kind": "dataset", "args": ["hf://org/name"], "kwargs": {}})
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1") as client:
             first = asyncio.create_task(client.post("/objects", content=body, headers=headers))
-            for _ in range(200):
-                if getattr(app.state, "pending_creations", None):
-                    break
-                await asyncio.sleep(0.01)
-            assert app.state.pending_creations, "the first creation never started"
+            await asyncio.wait_for(pending.added.wait(), 5)  # the first creation runs (and waits)
             # While the first still runs: a different body under the same key is refused at once...
             different = await asyncio.wait_for(client.post("/objects", content=other, headers=headers), 5)
             assert different.status_code == 400
             assert codec.unpack(different.content)["error"]["message"] == \
                 "this Idempotency-Key was already used for a different request"
             # ... and the same body shares the first one's outcome.
+            pending.found.clear()
             same = asyncio.create_task(client.post("/objects", content=body, headers=headers))
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(pending.found.wait(), 5)  # `same` now waits for `first`
+            assert not first.done() and not same.done()
             ctx.release.set()
             a, b = await asyncio.wait_for(first, 5), await asyncio.wait_for(same, 5)
             assert a.status_code == b.status_code == 200
