@@ -8,23 +8,20 @@ import pytest
 
 from twinkle.errors import StateError
 from twinkle.model import ForwardBackwardOutput
-from twinkle_client.lazy import CallFuture, LazyOutput, LazyValue, lazy_class_for
+from twinkle_client.lazy import LazyOutput, LazyValue, lazy_class_for
+from twinkle_client.pipeline import CallFuture
 
 pytestmark = pytest.mark.unit
 
 
 def _read(future: CallFuture, timeout: float | None) -> object:
-    if not future.wait(timeout):
-        raise TimeoutError("not yet")
-    if future.error is not None:
-        raise future.error
-    return future.value
+    return future.result(timeout)  # raises the call's error, or TimeoutError
 
 
 def _lazy(cls: type, value: object = None, *, error: Exception | None = None):
     future = CallFuture("m", 1, True)
     if error is not None:
-        future.set_error(error)
+        future.set_exception(error)
     else:
         future.set_result(value)
     return cls(future, _read)
@@ -62,12 +59,25 @@ def test_output_lazy_resolves_on_attribute_str_format_float() -> None:
 
 def test_lazy_waits_for_its_value_and_times_out() -> None:
     future = CallFuture("step", 3, True)
-    lazy = LazyValue(future, _read)
+    reading = threading.Event()
+
+    def read(future: CallFuture, timeout: float | None) -> object:
+        reading.set()
+        return _read(future, timeout)
+
+    lazy = LazyValue(future, read)
     assert not lazy.done()
     with pytest.raises(TimeoutError):
-        lazy.result(timeout=0.05)
-    threading.Timer(0.05, future.set_result, args=(True,)).start()
-    assert lazy.result(timeout=5) is True
+        lazy.result(timeout=0.05)  # nothing will settle it
+    reading.clear()
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(lazy.result(timeout=60)))
+    reader.start()
+    assert reading.wait(60)  # the read started before the value exists ...
+    assert not lazy.done() and got == []
+    future.set_result(True)  # ... and ends when it arrives
+    reader.join(60)
+    assert got == [True] and lazy.done()
 
 
 def test_failed_lazy_raises_on_every_read() -> None:

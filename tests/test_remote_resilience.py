@@ -153,8 +153,6 @@ def test_dropped_connections_change_nothing(server, add_user, tmp_path) -> None:
 
 
 def test_sigkill_mid_training_then_resume(start_server, add_user, tmp_path) -> None:
-    import time
-
     from twinkle_client import TwinkleClient, init_twinkle_client
 
     data_dir = tmp_path / "server"
@@ -167,20 +165,21 @@ def test_sigkill_mid_training_then_resume(start_server, add_user, tmp_path) -> N
     model = _model(model_cls)
     run_id = model.training_run_id
     seen: list[float] = []
+    trained_six = threading.Event()
 
     def train_and_save() -> None:
         try:
             for i in range(1000):
                 seen.extend(_train(model, loader, 2))
+                if len(seen) >= 6:
+                    trained_six.set()
                 model.save(f"step-{i + 1}", save_optimizer=True)
         except Exception:  # the server is killed under this loop
             pass
 
     trainer = threading.Thread(target=train_and_save, daemon=True)
     trainer.start()
-    deadline = time.monotonic() + 120
-    while len(seen) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert trained_six.wait(120), f"training did not get going: {seen}"
     srv.kill()  # SIGKILL, mid-training, possibly mid-save
 
     srv = start_server(data_dir)

@@ -419,3 +419,70 @@ def test_in_flight_idempotent_duplicate_must_be_the_same_request(tmp_path: Path)
         asyncio.run(main())
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ idle expiry, on an explicit clock
+
+
+def _remote(object_id: str, last_used: float, **kwargs):
+    from twinkle_server.objects import RemoteObject
+
+    return RemoteObject(object_id, "dataset", 1, "u", object(), last_used=last_used, **kwargs)
+
+
+def test_objects_expire_after_the_idle_timeout_unless_in_use() -> None:
+    from twinkle_server.objects import ObjectRegistry
+
+    from twinkle.errors import NotFoundError
+
+    registry = ObjectRegistry(idle_timeout=60.0, max_per_user=10)
+    idle, later = _remote("obj-idle", 1000.0), _remote("obj-later", 1030.0, idempotency_key="k")
+    busy = _remote("obj-busy", 1000.0, busy=1)
+    for obj in (idle, later, busy):
+        registry.add(obj)
+    assert registry.pop_expired(now=1000.0 + 60.0) == []  # idle for exactly the timeout: kept
+    assert registry.pop_expired(now=1000.0 + 60.5) == [idle] and idle.closed and len(registry) == 2
+    with pytest.raises(NotFoundError, match="it expired or the server restarted"):
+        registry.acquire(1, "obj-idle")
+    assert registry.pop_expired(now=1e12) == [later]  # a busy object never expires
+    assert registry.by_idempotency_key(1, "k") is None and not busy.closed
+    # A use restarts the clock: the end of a call (release) ...
+    registry.release(busy)
+    assert busy.last_used > 1000.0 and registry.pop_expired(now=busy.last_used + 60.0) == []
+    # ... and a reference to the object in another object's call.
+    busy.last_used = 1000.0
+    registry.resolve(1, "obj-busy")
+    assert busy.last_used > 1000.0 and registry.pop_expired(now=1000.0 + 61.0) == []
+    assert registry.pop_expired(now=busy.last_used + 60.5) == [busy] and len(registry) == 0
+
+
+def test_reaper_closes_expired_objects_and_survives_a_failing_close() -> None:
+    from twinkle_server.objects import ObjectRegistry, Reaper
+
+    registry = ObjectRegistry(idle_timeout=60.0, max_per_user=10)
+    closed: list[tuple[str, str]] = []
+    changed = threading.Condition()
+
+    def close(obj, why: str) -> None:
+        with changed:
+            closed.append((obj.object_id, why))
+            changed.notify_all()
+        raise RuntimeError("closing failed")  # logged; the reaper goes on
+
+    def closed_ids(n: int) -> list[str]:
+        with changed:
+            assert changed.wait_for(lambda: len(closed) >= n, timeout=30), closed
+            return sorted(object_id for object_id, _ in closed)
+
+    registry.add(_remote("obj-a", 0.0))  # idle since 1970
+    registry.add(_remote("obj-b", 0.0))
+    registry.add(_remote("obj-fresh", 1e12))  # used in the far future: never idle here
+    reaper = Reaper(registry, close, interval=0.01)
+    reaper.start()
+    try:
+        assert closed_ids(2) == ["obj-a", "obj-b"]
+        registry.add(_remote("obj-c", 0.0))  # a later round still runs after the failures
+        assert closed_ids(3) == ["obj-a", "obj-b", "obj-c"]
+    finally:
+        reaper.stop()
+    assert {why for _, why in closed} == {"expired"} and len(registry) == 1
