@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..api import api_method
 from ..errors import InvalidArgumentError, StateError, first_line
 from ..preprocessor import Preprocessor
+from ..protocol.api import DatasetAPI
 from ..protocol.dataset_meta import DatasetMeta
 from ..registry import REGISTRY
 from ..template import Template
@@ -32,16 +32,8 @@ MIX_SEED = 42
 ENCODED_COLUMNS = ("input_ids", "labels", "length")
 
 
-class Dataset:
-    """A training dataset built from one or more ``DatasetMeta`` (or plain id strings).
-
-    Typical use::
-
-        ds = Dataset(DatasetMeta('builtin://self-cognition'))
-        ds.set_template('Template', model_id='builtin://tiny-qwen2', max_length=512)
-        ds.map('SelfCognitionProcessor', init_args={'model_name': 'Twinkle', 'model_author': 'Lab'})
-        ds.encode()
-    """
+class Dataset(DatasetAPI):
+    """``DatasetAPI`` on Hugging Face ``datasets``: every added dataset is held in memory."""
 
     def __init__(self, dataset_meta: DatasetMeta | str) -> None:
         self.datasets: dict[str, datasets.Dataset] = {}
@@ -51,9 +43,7 @@ class Dataset:
 
     # --- building ---------------------------------------------------------------------------
 
-    @api_method(deferred=True)
     def add_dataset(self, dataset_meta: DatasetMeta | str) -> None:
-        """Load another dataset beside the ones already here (mix them with ``mix_dataset``)."""
         meta = _as_meta(dataset_meta)
         if self._mixed is not None:
             raise StateError("the datasets were already mixed; add every dataset before mix_dataset()")
@@ -61,15 +51,7 @@ class Dataset:
             raise InvalidArgumentError(f"dataset {meta.key!r} was already added")
         self.datasets[meta.key] = load_dataset(meta)
 
-    @api_method(deferred=True)
     def mix_dataset(self, interleave: bool = True) -> None:
-        """Merge the added datasets into one (calling it again does nothing).
-
-        ``interleave=True`` spreads the rows of all datasets over the result in a random order
-        fixed by a seed, keeping each dataset's own row order and every row exactly once;
-        ``interleave=False`` concatenates them in the order they were added. A column missing
-        from one dataset is ``None`` in its rows.
-        """
         if self._mixed is not None:
             return
         import datasets
@@ -85,17 +67,11 @@ class Dataset:
         self._mixed = merged
         self.datasets = {}
 
-    @api_method(deferred=True)
     def set_template(self, name_or_cls: str | type, **kwargs: Any) -> None:
-        """Set the template that ``encode`` uses.
-
-        E.g. ``set_template('Template', model_id='builtin://tiny-qwen2', max_length=512)``.
-        """
         self.template = REGISTRY.build("template", name_or_cls, **kwargs)
 
     # --- transforming -----------------------------------------------------------------------
 
-    @api_method(deferred=True)
     def map(
         self,
         preprocess_func: str | type | Callable[[dict[str, Any]], dict[str, Any]],
@@ -104,12 +80,6 @@ class Dataset:
         *,
         num_proc: int | None = None,
     ) -> None:
-        """Apply a preprocessor to every row (or only to the rows of ``dataset_meta``).
-
-        ``preprocess_func`` is a registered preprocessor name (built with ``init_args``), a
-        ``Preprocessor`` class or instance (works on batches), or any callable taking one row
-        dict and returning the columns to set on it.
-        """
         if isinstance(preprocess_func, str) or (
             isinstance(preprocess_func, type) and issubclass(preprocess_func, Preprocessor)
         ):
@@ -131,7 +101,6 @@ class Dataset:
                 self._get(key).map(func, batched=batched, num_proc=num_proc, desc="map", **_in_memory()),
             )
 
-    @api_method(deferred=True)
     def filter(
         self,
         filter_func: str | type | Callable[[dict[str, Any]], bool],
@@ -140,11 +109,6 @@ class Dataset:
         *,
         num_proc: int | None = None,
     ) -> None:
-        """Keep only the rows for which ``filter_func(row)`` is true.
-
-        ``filter_func`` is a registered filter name or class (built with ``init_args``) or a
-        callable taking one row dict. With ``dataset_meta`` only that dataset is filtered.
-        """
         if isinstance(filter_func, str | type):
             func = REGISTRY.build("filter", filter_func, **(init_args or {}))
         elif callable(filter_func):
@@ -158,16 +122,9 @@ class Dataset:
         for key in self._target_keys(dataset_meta):
             self._replace(key, self._get(key).filter(func, num_proc=num_proc, desc="filter", **_in_memory()))
 
-    @api_method(deferred=True)
     def encode(
         self, batched: bool = True, add_generation_prompt: bool = False, *, num_proc: int | None = None
     ) -> None:
-        """Tokenize each row's ``messages`` with the template.
-
-        Adds ``input_ids``, ``labels`` and ``length`` columns. Rows the template drops (too
-        long under truncation ``'delete'``) are removed. ``batched`` encodes 1000 rows per
-        step instead of one; the result is the same.
-        """
         if self.template is None:
             raise InvalidArgumentError(
                 "no template set; call set_template('Template', model_id=...) before encode()"
@@ -236,13 +193,10 @@ class Dataset:
         """The columns of the rows."""
         return list(self.dataset.column_names)
 
-    @api_method()
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @api_method()
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        """Row ``idx`` as a dict; negative indices count from the end."""
         if isinstance(idx, bool) or not isinstance(idx, int):
             raise InvalidArgumentError(f"Dataset index must be an int, got {type(idx).__name__}")
         ds = self.dataset

@@ -437,11 +437,20 @@ class DatasetAPI(Declaration):
 
     @declare(deferred=True)
     def mix_dataset(self, interleave: bool = True) -> None:
-        """Merge the added datasets into one (calling it again does nothing)."""
+        """Merge the added datasets into one (calling it again does nothing).
+
+        ``interleave=True`` spreads the rows of all datasets over the result in a random order
+        fixed by a seed, keeping each dataset's own row order and every row exactly once;
+        ``interleave=False`` concatenates them in the order they were added. A column missing
+        from one dataset is ``None`` in its rows.
+        """
 
     @declare(deferred=True, args={"kwargs": Arg.MODEL_ID})
     def set_template(self, name_or_cls: str | type, **kwargs: Any) -> None:
-        """Set the template that ``encode`` uses."""
+        """Set the template that ``encode`` uses.
+
+        E.g. ``set_template('Template', model_id='builtin://tiny-qwen2', max_length=512)``.
+        """
 
     @declare(deferred=True, args={"dataset_meta": Arg.DATASET})
     def map(
@@ -452,7 +461,12 @@ class DatasetAPI(Declaration):
         *,
         num_proc: int | None = None,
     ) -> None:
-        """Apply a preprocessor to every row (or only to the rows of ``dataset_meta``)."""
+        """Apply a preprocessor to every row (or only to the rows of ``dataset_meta``).
+
+        ``preprocess_func`` is a registered preprocessor name (built with ``init_args``), a
+        ``Preprocessor`` class or instance (works on batches), or any callable taking one row
+        dict and returning the columns to set on it.
+        """
 
     @declare(deferred=True, args={"dataset_meta": Arg.DATASET})
     def filter(
@@ -463,11 +477,20 @@ class DatasetAPI(Declaration):
         *,
         num_proc: int | None = None,
     ) -> None:
-        """Keep only the rows for which ``filter_func(row)`` is true."""
+        """Keep only the rows for which ``filter_func(row)`` is true.
+
+        ``filter_func`` is a registered filter name or class (built with ``init_args``) or a
+        callable taking one row dict. With ``dataset_meta`` only that dataset is filtered.
+        """
 
     @declare(deferred=True)
     def encode(self, batched: bool = True, add_generation_prompt: bool = False, *, num_proc: int | None = None) -> None:
-        """Tokenize each row's ``messages`` with the template."""
+        """Tokenize each row's ``messages`` with the template.
+
+        Adds ``input_ids``, ``labels`` and ``length`` columns. Rows the template drops (too
+        long under truncation ``'delete'``) are removed. ``batched`` encodes 1000 rows per
+        step instead of one; the result is the same.
+        """
 
     @declare()
     def __len__(self) -> int:
