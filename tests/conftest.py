@@ -323,7 +323,6 @@ TEST_CATEGORIES = ("unit", "server", "notebook", "browser")
 
 TEST_CATEGORY_TABLE: dict[str, str] = {
     "test_browser_jupyter.py": "browser",
-    "test_client_api_drift.py": "unit",
     "test_client_codec.py": "unit",
     "test_client_loopback.py": "unit",  # its HTTP servers are threads of the test process
     "test_data.py": "unit",
