@@ -45,7 +45,7 @@ def check_method(kind: str, method: str) -> None:
     if kind == "dataloader" and method in (START_EPOCH, NEXT_BATCHES):
         return
     if kind == "dataloader" and method == "__iter__":
-        raise InvalidArgumentError(f"DataLoader has no remote method '__iter__'; iterate with {START_EPOCH}")
+        raise InvalidArgumentError("DataLoader has no remote method '__iter__'")
     API_BY_KIND[kind].method(method)
 
 
