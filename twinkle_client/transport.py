@@ -287,8 +287,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     if isinstance(exc, httpx.ConnectError):
-        text = str(exc) or "connection failed"
-        return "connection refused" if "refused" in text.lower() else text.splitlines()[0]
+        return "connection refused" if "refused" in str(exc).lower() else first_line(exc)
     if isinstance(exc, httpx.RemoteProtocolError):
         return "the server closed the connection without replying"
     return first_line(exc)
