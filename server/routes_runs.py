@@ -24,7 +24,7 @@ from twinkle.protocol.wire import (
     UploadStatus,
 )
 
-from . import __version__
+from . import __version__, views
 from .deps import Ctx, CurrentUser
 
 router = APIRouter()
@@ -62,13 +62,13 @@ def list_training_runs(
 ) -> TrainingRunsResponse:
     """The caller's runs, most recent activity first."""
     runs, total = ctx.store.list_runs(user.id, limit, offset)
-    return TrainingRunsResponse(training_runs=runs, cursor=Cursor(limit=limit, offset=offset, total_count=total))
+    return TrainingRunsResponse(training_runs=[views.training_run(r) for r in runs], cursor=Cursor(limit=limit, offset=offset, total_count=total))
 
 
 @router.get("/training_runs/{run_id}", response_model=TrainingRun, tags=["runs"], responses=_ERRORS)
 def get_training_run(run_id: str, user: CurrentUser,
                      ctx: Ctx) -> TrainingRun:
-    return ctx.store.get_run(user.id, run_id)
+    return views.training_run(ctx.store.get_run(user.id, run_id))
 
 
 @router.get("/training_runs/{run_id}/checkpoints", response_model=CheckpointsListResponse, tags=["runs"],
@@ -76,14 +76,14 @@ def get_training_run(run_id: str, user: CurrentUser,
 def list_checkpoints(run_id: str, user: CurrentUser,
                      ctx: Ctx) -> CheckpointsListResponse:
     """The run's checkpoints, oldest first."""
-    return CheckpointsListResponse(checkpoints=ctx.store.list_checkpoints(user.id, run_id))
+    return CheckpointsListResponse(checkpoints=[views.checkpoint(c) for c in ctx.store.list_checkpoints(user.id, run_id)])
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id}", response_model=Checkpoint, tags=["runs"],
             responses=_ERRORS)
 def get_checkpoint(run_id: str, checkpoint_id: str, user: CurrentUser,
                    ctx: Ctx) -> Checkpoint:
-    return ctx.store.get_checkpoint(user.id, run_id, checkpoint_id)
+    return views.checkpoint(ctx.store.get_checkpoint(user.id, run_id, checkpoint_id))
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id}", response_model=DeleteCheckpointResponse,
@@ -110,7 +110,7 @@ def get_metrics(
     return MetricsResponse(
         training_run_id=run_id,
         revision=revision,
-        points=ctx.store.metric_points(run_id, since_step),
+        points=[views.metric_point(p) for p in ctx.store.metric_points(run_id, since_step)],
         total_steps=total_steps,
     )
 

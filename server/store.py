@@ -19,13 +19,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from twinkle.errors import InvalidArgumentError, NotFoundError
 from twinkle.protocol.names import twinkle_path
-from twinkle.protocol.wire import Checkpoint, MetricPoint, TrainingRun
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema.
@@ -113,8 +111,58 @@ class CheckpointRow:
     has_optimizer: bool
 
 
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+@dataclass(frozen=True)
+class RunRecord:
+    """A training run as stored (times are unix seconds; JSON columns decoded)."""
+
+    run_id: str
+    owner_name: str
+    base_model: str
+    adapter_name: str
+    lora_rank: int | None
+    lora_config: dict[str, Any]
+    gradient_accumulation_steps: int
+    components: dict[str, Any]
+    created: float
+    last_request_time: float | None
+    cur_step: int
+    consumed_train_samples: int
+    last_loss: float | None
+    num_checkpoints: int
+    last_checkpoint_name: str | None
+    status: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint as stored."""
+
+    run_id: str
+    name: str
+    time: float
+    size_bytes: int
+    step: int
+    consumed_train_samples: int
+    loss: float | None
+    has_optimizer: bool
+    base_model: str
+    lora_rank: int | None
+
+
+@dataclass(frozen=True)
+class PointRecord:
+    """A metric point as stored (see ``twinkle.protocol.wire.MetricPoint`` for the meaning)."""
+
+    step: int
+    micro_step: int
+    loss: float | None
+    num_tokens: int
+    grad_norm: float | None
+    lr: float | None
+    completed: bool
+    time: float
+    superseded: bool
 
 
 def _finite(value: float | None) -> float | None:
@@ -258,36 +306,35 @@ class Store:
     """
 
     @staticmethod
-    def _run(row: sqlite3.Row) -> TrainingRun:
-        last = row["last_checkpoint_name"]
-        return TrainingRun(
-            training_run_id=row["run_id"],
+    def _run(row: sqlite3.Row) -> RunRecord:
+        return RunRecord(
+            run_id=row["run_id"],
+            owner_name=row["owner_name"],
             base_model=row["base_model"],
-            model_owner=row["owner_name"],
             adapter_name=row["adapter_name"],
             lora_rank=row["lora_rank"],
             lora_config=json.loads(row["lora_config"]),
             gradient_accumulation_steps=row["gradient_accumulation_steps"],
             components=json.loads(row["components"]),
-            created=_dt(row["created"]),
-            last_request_time=_dt(row["last_request_time"]),
+            created=row["created"],
+            last_request_time=row["last_request_time"],
             cur_step=row["cur_step"],
             consumed_train_samples=row["consumed_train_samples"],
             last_loss=row["last_loss"],
             num_checkpoints=row["num_checkpoints"],
-            last_checkpoint=twinkle_path(row["run_id"], last) if last else None,
+            last_checkpoint_name=row["last_checkpoint_name"],
             status=row["status"],
             revision=row["revision"],
         )
 
-    def get_run(self, user_id: int, run_id: str) -> TrainingRun:
+    def get_run(self, user_id: int, run_id: str) -> RunRecord:
         """The run, if ``user_id`` owns it; otherwise ``NotFoundError`` (never reveals other users' runs)."""
         rows = self._query(self._RUN_SELECT + " WHERE r.run_id = ? AND r.user_id = ?", (run_id, user_id))
         if not rows:
             raise NotFoundError(f"no training run {run_id!r}")
         return self._run(rows[0])
 
-    def list_runs(self, user_id: int, limit: int, offset: int) -> tuple[list[TrainingRun], int]:
+    def list_runs(self, user_id: int, limit: int, offset: int) -> tuple[list[RunRecord], int]:
         """The user's runs, most recent activity first, and their total count."""
         total = int(self._query("SELECT COUNT(*) FROM training_runs WHERE user_id = ?", (user_id,))[0][0])
         rows = self._query(
@@ -414,12 +461,11 @@ class Store:
             db.execute("UPDATE training_runs SET last_request_time = ? WHERE run_id = ?", (time.time(), run_id))
 
     @staticmethod
-    def _checkpoint(row: sqlite3.Row) -> Checkpoint:
-        return Checkpoint(
-            checkpoint_id=row["name"],
-            training_run_id=row["run_id"],
-            twinkle_path=twinkle_path(row["run_id"], row["name"]),
-            time=_dt(row["time"]),
+    def _checkpoint(row: sqlite3.Row) -> CheckpointRecord:
+        return CheckpointRecord(
+            run_id=row["run_id"],
+            name=row["name"],
+            time=row["time"],
             size_bytes=row["size_bytes"],
             step=row["step"],
             consumed_train_samples=row["consumed_train_samples"],
@@ -429,13 +475,13 @@ class Store:
             lora_rank=row["lora_rank"],
         )
 
-    def list_checkpoints(self, user_id: int, run_id: str) -> list[Checkpoint]:
+    def list_checkpoints(self, user_id: int, run_id: str) -> list[CheckpointRecord]:
         """Checkpoints of the user's run, oldest first (``NotFoundError`` for another user's run)."""
         self.get_run(user_id, run_id)
         rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY time, step", (run_id,))
         return [self._checkpoint(r) for r in rows]
 
-    def get_checkpoint(self, user_id: int, run_id: str, name: str) -> Checkpoint:
+    def get_checkpoint(self, user_id: int, run_id: str, name: str) -> CheckpointRecord:
         rows = self._query(
             "SELECT c.* FROM checkpoints c JOIN training_runs r ON r.run_id = c.run_id"
             " WHERE c.run_id = ? AND c.name = ? AND r.user_id = ?",
@@ -486,12 +532,12 @@ class Store:
                 (_finite(grad_norm), _finite(lr), run_id, step),
             )
 
-    def metric_points(self, run_id: str, since_step: int) -> list[MetricPoint]:
+    def metric_points(self, run_id: str, since_step: int) -> list[PointRecord]:
         rows = self._query(
             "SELECT * FROM metric_points WHERE run_id = ? AND step > ? ORDER BY id", (run_id, since_step)
         )
         return [
-            MetricPoint(
+            PointRecord(
                 step=r["step"],
                 micro_step=r["micro_step"],
                 loss=r["loss"],

@@ -83,7 +83,11 @@ def test_non_finite_metrics_are_stored_as_null(tmp_path: Path) -> None:
         assert store.get_run(user.id, run).last_loss is None
         assert store.get_checkpoint(user.id, run, "ck").loss is None
         # Everything is JSON-safe (no NaN or Infinity reaches a response).
-        for model in (*points, store.get_run(user.id, run), store.get_checkpoint(user.id, run, "ck")):
+        from twinkle_server import views
+
+        shown = [*map(views.metric_point, points), views.training_run(store.get_run(user.id, run)),
+                 views.checkpoint(store.get_checkpoint(user.id, run, "ck"))]
+        for model in shown:
             model.model_dump_json()
     finally:
         store.close()
