@@ -265,7 +265,12 @@ class Kernel:
             if (msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
                     and msg["parent_header"].get("msg_id") == msg_id):
                 break
-        out.reply = self.kc.get_shell_msg(timeout=30)["content"]
+        while True:
+            # Only this request's reply: wait_for_ready may have left kernel_info replies before it.
+            reply = self.kc.get_shell_msg(timeout=30)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        out.reply = reply["content"]
         return out
 
     def ok(self, code: str, **kw: Any) -> Execution:
