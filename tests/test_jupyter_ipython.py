@@ -105,7 +105,7 @@ def test_config_lists_and_validates_traits(ip: InteractiveShell, capsys: pytest.
         ("%twinkle plot --x sideways", "invalid choice"),
         ("%twinkle resume", "the following arguments are required: RUN"),
         ("%twinkle checkpoints a b", "unrecognized arguments"),
-        ("%twinkle runs --limit 0", "argument --limit: must be >= 1"),
+        ("%twinkle runs --limit 0", "argument --limit: page_size must be >= 1"),
         ("%twinkle plot --smoothing 1.5", "smoothing must be in [0, 1)"),
         ('%twinkle plot "unclosed', "No closing quotation"),
     ],

@@ -19,6 +19,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .connection import current_client, one_line_error
+from .settings import DEFAULTS, check
 
 __all__ = ["ActionError", "CheckpointBrowser", "RunBrowser"]
 
@@ -169,13 +170,11 @@ class RunBrowser(_Browser):
     HEADERS = ["run", "base model", "created", "last activity", "steps", "last loss", "checkpoints", "status"]
 
     def __init__(
-        self, *, page_size: int = 20, client: Any = None, namespace: MutableMapping[str, Any] | None = None,
+        self, *, page_size: int = DEFAULTS.page_size, client: Any = None, namespace: MutableMapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(client, namespace if namespace is not None else _default_namespace(), **kwargs)
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self.page_size = int(page_size)
+        self.page_size = check("page_size", page_size)
         self.offset = 0
         self.total = 0
         self.runs: list[Any] = []

@@ -51,24 +51,14 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.HelpFormatter(prog, max_help_position=32, width=100)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _setting_type(name: str) -> Any:
-    """An argparse ``type`` that checks a value against setting ``name``'s bound."""
+def _setting_type(name: str, kind: type = float) -> Any:
+    """An argparse ``type`` that reads a ``kind`` and checks it against setting ``name``'s bound."""
 
     def convert(text: str) -> Any:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
         try:
             return check(name, value)
         except ValueError as exc:
@@ -102,7 +92,7 @@ def _parser() -> _Parser:
                    help="the server (default: TwinkleMagics.server_url, else $TWINKLE_SERVER_URL)")
     command("status", "server, user, base model, free adapter slots", "_status")
     p = command("runs", "your training runs (browser: plot, checkpoints, compare)", "_runs")
-    p.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
+    p.add_argument("--limit", type=_setting_type("page_size", int), default=None, metavar="N",
                    help="runs per page (default: TwinkleMagics.page_size)")
     p = command("checkpoints", "a run's checkpoints (browser: resume, copy path, delete)", "_checkpoints",
                 aliases=("ckpts",))

@@ -43,6 +43,13 @@ def _points(name: str, value: Any) -> int:
     return v
 
 
+def _count(name: str, value: Any) -> int:
+    v = int(value)
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
 def _x_axis(name: str, value: Any) -> str:
     if value not in X_AXES:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, X_AXES))}, got {value!r}")
@@ -77,7 +84,7 @@ _ALL = (
     Setting("show_controls", True, "Show x axis / log scale / smoothing controls above plots."),
     Setting("plot_width", 720, "Plot width in pixels."),
     Setting("plot_height", 420, "Plot height in pixels."),
-    Setting("page_size", 20, "Rows per page of the run browser."),
+    Setting("page_size", 20, "Rows per page of the run browser.", validate=_count),
 )
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _ALL}
