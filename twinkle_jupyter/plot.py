@@ -155,10 +155,16 @@ class LossPlot(widgets.VBox):
 
     @property
     def poll_interval(self) -> float:
+        """Seconds between metric fetches (takes effect at the next one)."""
         return self._poller.interval
+
+    @poll_interval.setter
+    def poll_interval(self, value: float) -> None:
+        self._poller.interval = check("poll_interval", value)
 
     @property
     def max_points(self) -> int:
+        """Per run, the most steps kept (fixed when the plot is made)."""
         return self._poller.max_points
 
     @property
