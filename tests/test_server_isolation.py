@@ -29,7 +29,7 @@ def two_users(server, add_user, raw_client, raw_helpers) -> SimpleNamespace:
     raw_helpers.train_steps(a, model, loader, 1)
     path = a.call(model, "save", "ck", save_optimizer=True)
     run_id = path.split("/")[2]
-    upload_id = a.call(model, "upload_to_hub", path, "org/name", hub_token="tok", async_upload=True)["upload_id"]
+    upload_id = a.call(model, "upload_to_hub", path, "org/name", hub_token="tok", async_upload=True)
     b_model = raw_helpers.raw_model(b)
     ids = {"run_id": run_id, "checkpoint_id": "ck", "object_id": model, "upload_id": upload_id}
     yield SimpleNamespace(a=a, b=b, ids=ids, path=path, dataset=dataset, loader=loader, model=model,
@@ -87,7 +87,7 @@ def test_checkpoint_paths_only_reach_own_runs(two_users) -> None:
         ("resume_from_checkpoint", [t.path], "not_found", f"no checkpoint {t.path}"),
         ("upload_to_hub", [t.path, "org/name"], "not_found", f"no checkpoint {t.path}"),
         ("load", ["twinkle://run-000000000000/weights/ck"], "not_found", "no checkpoint twinkle://run-000000000000"),
-        ("load", ["twinkle://../../etc/passwd"], "not_found", "no checkpoint twinkle://"),
+        ("load", ["twinkle://../../etc/passwd"], "not_found", "no checkpoint 'twinkle://../../etc/passwd'"),
         ("load", [folder], "invalid_argument", "pass a twinkle:// path; server paths are not accepted"),
         ("resume_from_checkpoint", [folder], "invalid_argument", "pass a twinkle:// path"),
         ("upload_to_hub", [folder, "org/name"], "invalid_argument", "pass a twinkle:// path"),

@@ -73,8 +73,11 @@ def test_restart_keeps_state_and_reconciles(tmp_path: Path, start_server, add_us
     # Training continues from the saved checkpoint on the new process.
     model = c2.create("model")
     c2.call(model, "add_adapter_to_model", "default", LoraConfig(r=4, target_modules="all-linear"))
-    progress = c2.call(model, "resume_from_checkpoint", keep)
-    assert progress["cur_step"] == 2 and progress["training_run_id"] == run_id
+    r = c2.calls(model, [("resume_from_checkpoint", [keep], {})])
+    result = c2.body(r)["results"][0]
+    assert r.status_code == 200 and result["ok"], result
+    # The run the adapter trains now travels beside the value (the value is the local one).
+    assert result["value"]["cur_step"] == 2 and result["training_run_id"] == run_id
     assert c2.get(f"/training_runs/{run_id}").json()["status"] == "active"
     assert len(c2.get("/training_runs").json()["training_runs"]) == 1  # the adapter's empty run was dropped
 
