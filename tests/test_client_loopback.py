@@ -381,7 +381,7 @@ def test_a_bare_status_becomes_the_error_of_its_class(status: int, cls: type[err
 
 def test_a_bare_502_that_persists_is_a_transport_error() -> None:
     wire = Wire(lambda request: httpx.Response(502, text="<html>bad gateway</html>"))
-    with client_over(wire, retry_timeout=0.5) as client, pytest.raises(errors.TransportError) as info:
+    with client_over(wire, retry_timeout=2.0) as client, pytest.raises(errors.TransportError) as info:
         client.get_server_info()
     assert str(info.value).startswith(f"cannot reach twinkle server at {URL}: HTTP 502 Bad Gateway (gave up after ")
     assert len(wire.seen) >= 2
