@@ -25,6 +25,7 @@ import httpx
 from twinkle.errors import (
     AuthenticationError,
     InvalidArgumentError,
+    ServerError,
     StateError,
     TransportError,
     TwinkleError,
@@ -272,11 +273,15 @@ def _decode(response: httpx.Response) -> Any:
         return None
     ctype = response.headers.get("content-type", "")
     if "msgpack" in ctype:
-        return codec.unpack(response.content)
+        try:
+            return codec.unpack(response.content)
+        except InvalidArgumentError:
+            # The reply is the server's (or a proxy's) fault, never the caller's argument.
+            raise ServerError("the twinkle server sent a reply that is not valid msgpack") from None
     try:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TwinkleError(f"the twinkle server sent a reply that is not JSON: {exc}") from None
+        raise ServerError(f"the twinkle server sent a reply that is not JSON: {first_line(exc)}") from None
 
 
 def _describe(exc: BaseException) -> str:
