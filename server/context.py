@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from twinkle.hub import HubCredentials, hub_credentials
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.paths import cache_dir
 from twinkle.protocol.wire import ErrorInfo
@@ -69,9 +70,17 @@ class ServerContext:
         """What a client reads of ``exc`` (see ``ErrorScrubber``)."""
         return self.scrubber.info(exc, request_id, call=call)
 
-    async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> T:
-        """``submit`` and await, without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(obj_kind, user_id, fn))
+    async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T],
+                  hub: HubCredentials | None = None) -> T:
+        """``submit`` and await, without blocking the event loop. The work runs with the user's
+        hub credentials (anonymous when none were sent), never the server's."""
+        credentials = hub or HubCredentials()
+
+        def as_user() -> T:
+            with hub_credentials(credentials):
+                return fn()
+
+        return await asyncio.wrap_future(self.submit(obj_kind, user_id, as_user))
 
     def close_object(self, obj: RemoteObject, why: str) -> None:
         """Release what an object holds (a model's adapters and runs), from any thread but the loop."""

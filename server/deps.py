@@ -7,6 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from twinkle.hub import HubCredentials
+from twinkle.protocol.wire import HUB_TOKEN_HEADERS
+
 from .auth import authenticate
 from .context import ServerContext
 from .store import User
@@ -30,7 +33,15 @@ def current_user(
     return authenticate(get_ctx(request).store, request.headers.get("authorization"))
 
 
+def hub_credentials_of(request: Request) -> HubCredentials:
+    """The caller's own hub tokens, from the request's headers (none: anonymous)."""
+    tokens = {scheme: request.headers.get(header) or None for scheme, header in HUB_TOKEN_HEADERS.items()}
+    return HubCredentials(**tokens)
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 """A route parameter: the authenticated caller."""
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 """A route parameter: the server context."""
+Hub = Annotated[HubCredentials, Depends(hub_credentials_of)]
+"""A route parameter: the caller's hub credentials, for the work done for them."""

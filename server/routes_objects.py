@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from twinkle.errors import InvalidArgumentError, NotFoundError, ServerError, TwinkleError
+from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
 from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
 from twinkle.protocol.wire import (
@@ -31,7 +32,7 @@ from twinkle.protocol.wire import (
 )
 
 from .context import ServerContext
-from .deps import Ctx, CurrentUser
+from .deps import Ctx, CurrentUser, Hub
 from .kinds import call_data_object, check_method, check_model_kwargs, create_dataloader, create_dataset
 from .model_handle import ModelHandle
 from .objects import RemoteObject, new_object_id
@@ -69,15 +70,14 @@ def _pending(request: Request) -> dict[tuple[int, str], tuple[str, asyncio.Futur
 
 
 @router.post("/objects", response_model=ObjectInfo, responses=_ERRORS)
-async def create_object(request: Request, user: CurrentUser,
-                        ctx: Ctx) -> Response:
+async def create_object(request: Request, user: CurrentUser, ctx: Ctx, hub: Hub) -> Response:
     """Create a remote dataset, dataloader or model. With an ``Idempotency-Key`` header, a repeat
     of the same request (same user and key, while the object lives) returns the same object."""
     data = await read_body(request)
     req: CreateObjectRequest = _validate(CreateObjectRequest, data)
     key = request.headers.get("idempotency-key")
     if key is None:
-        return respond(request, await _create(ctx, user, req, None, None))
+        return respond(request, await _create(ctx, user, req, None, None, hub))
     if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
         raise InvalidArgumentError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")
     fingerprint = hashlib.sha256(codec.pack(data)).hexdigest()
@@ -98,7 +98,7 @@ async def create_object(request: Request, user: CurrentUser,
     future: asyncio.Future[ObjectInfo] = asyncio.get_running_loop().create_future()
     pending[slot] = (fingerprint, future)
     try:
-        info = await _create(ctx, user, req, key, fingerprint)
+        info = await _create(ctx, user, req, key, fingerprint, hub)
     except asyncio.CancelledError:
         future.cancel()
         raise
@@ -114,7 +114,7 @@ async def create_object(request: Request, user: CurrentUser,
 
 
 async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key: str | None,
-                  fingerprint: str | None) -> ObjectInfo:
+                  fingerprint: str | None, hub: HubCredentials) -> ObjectInfo:
     ctx.objects.check_room(user.id)
     object_id = new_object_id()
 
@@ -132,7 +132,7 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
         return create_dataloader(args, kwargs)
 
     # Loading a dataset can take a while: never on the event loop.
-    instance = await ctx.run("data", user.id, build)
+    instance = await ctx.run("data", user.id, build, hub)
     obj = RemoteObject(object_id, req.kind, user.id, user.name, instance, idempotency_key=key,
                        fingerprint=fingerprint)
     ctx.objects.add(obj)
@@ -141,8 +141,7 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
 
 
 @router.post("/objects/{object_id}/calls", response_model=CallBatchResult, responses=_ERRORS)
-async def call_object(object_id: str, request: Request, user: CurrentUser,
-                      ctx: Ctx) -> Response:
+async def call_object(object_id: str, request: Request, user: CurrentUser, ctx: Ctx, hub: Hub) -> Response:
     """Run calls in order; stop at the first failure. Per-call errors keep the status 200."""
     data = await read_body(request)
     batch: CallBatch = _validate(CallBatch, data)
@@ -153,12 +152,12 @@ async def call_object(object_id: str, request: Request, user: CurrentUser,
         )
     # Shielded: once started, a batch finishes and records its results even if the client goes away,
     # so that the retry finds them instead of running a call a second time.
-    task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, _request_id(request)))
+    task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, _request_id(request), hub))
     return respond(request, await asyncio.shield(task))
 
 
 async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: CallBatch,
-                     request_id: str | None) -> CallBatchResult:
+                     request_id: str | None, hub: HubCredentials) -> CallBatchResult:
     obj = ctx.objects.acquire(user.id, object_id)
     try:
         async with obj.lock:
@@ -174,7 +173,7 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                                         request_id=request_id, call=call.method),
                     )
                 else:
-                    result = await _execute(ctx, user, obj, call, request_id)
+                    result = await _execute(ctx, user, obj, call, request_id, hub)
                     obj.record(call.seq, result)
                 results.append(result)
                 if not result.ok:
@@ -193,7 +192,7 @@ def _stale_message(obj: RemoteObject, seq: int) -> str:
 
 
 async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call,
-                   request_id: str | None) -> CallResult:
+                   request_id: str | None, hub: HubCredentials) -> CallResult:
     method = call.method
 
     def work() -> Any:
@@ -215,7 +214,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
     try:
         check_method(obj.kind, method)
-        value, run_id = await ctx.run(obj.kind, user.id, work)
+        value, run_id = await ctx.run(obj.kind, user.id, work, hub)
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
     return CallResult(seq=call.seq, ok=True, value=value, training_run_id=run_id)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HubError, NotFoundError, first_line
@@ -16,6 +20,40 @@ from .protocol.names import split_hub_id
 BUILTIN_MODELS = ("builtin://tiny-qwen2",)
 _MS_LOGIN_LOCK = threading.Lock()
 BUILTIN_DATASETS = ("builtin://self-cognition",)
+
+
+@dataclass(frozen=True)
+class HubCredentials:
+    """The hub tokens of the user a piece of work is done for; None means anonymous."""
+
+    hf: str | None = None
+    ms: str | None = None
+
+    def for_scheme(self, scheme: str) -> str | None:
+        return self.hf if scheme == "hf" else self.ms
+
+    def __repr__(self) -> str:  # never show a token (logs, tracebacks)
+        return f"HubCredentials(hf={'set' if self.hf else None}, ms={'set' if self.ms else None})"
+
+
+_CREDENTIALS: ContextVar[HubCredentials | None] = ContextVar("twinkle_hub_credentials", default=None)
+
+
+@contextmanager
+def hub_credentials(credentials: HubCredentials) -> Iterator[None]:
+    """Within the block, every hub read and write uses exactly ``credentials`` (a missing token
+    means anonymous), never the process's environment or an SDK login. A server runs each
+    user's work inside it; outside it, local use keeps the hub SDKs' own defaults."""
+    reset = _CREDENTIALS.set(credentials)
+    try:
+        yield
+    finally:
+        _CREDENTIALS.reset(reset)
+
+
+def current_credentials() -> HubCredentials | None:
+    """The credentials of the work running now (None outside ``hub_credentials``)."""
+    return _CREDENTIALS.get()
 
 
 def split_id(resource_id: str) -> tuple[str, str]:

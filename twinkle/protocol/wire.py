@@ -37,6 +37,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 API_PREFIX = "/api/v1"
+HUB_TOKEN_HEADERS = {"hf": "X-Twinkle-HF-Token", "ms": "X-Twinkle-MS-Token"}
+"""Request headers that carry the user's own hub tokens to the server, which does every hub
+read and write for that request with them (and anonymously without them); never stored."""
 
 
 class _Model(BaseModel):
