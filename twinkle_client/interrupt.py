@@ -39,4 +39,7 @@ def check_stop(method: str) -> None:
     """Raise ``TrainingInterrupted`` (consuming the request) if a stop was requested."""
     if _stop.is_set():
         _stop.clear()
-        raise TrainingInterrupted(f"training stopped before {method}() (interrupt requested)")
+        raise TrainingInterrupted(
+            f"training stopped before {method}(); every earlier call ran and the model is usable "
+            "(e.g. model.save(...))"
+        )
