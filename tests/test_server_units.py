@@ -366,7 +366,7 @@ def test_in_flight_idempotent_duplicate_must_be_the_same_request(tmp_path: Path)
             self.store = store
             self.release = asyncio.Event()
 
-        async def run(self, kind, user_id, fn):
+        async def run(self, kind, user_id, fn, hub=None):
             await self.release.wait()
             return object()
 
