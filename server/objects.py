@@ -5,6 +5,10 @@ object keeps the sequence number of its last call and the results of its last
 ``RESULTS_KEPT`` calls, which is what makes a retried call return its first result
 instead of running twice. An object nobody has called for ``idle_timeout`` seconds is
 closed by the reaper thread (a model's adapters leave the base model then).
+
+A user holds at most ``max_per_user`` objects. A creation takes a ``Reservation`` first
+(counted like a live object, under the registry's lock) and turns it into the object once
+built, or gives it back if the build fails: concurrent creations can never exceed the cap.
 """
 
 from __future__ import annotations
@@ -72,6 +76,25 @@ class RemoteObject:
             self.results.popitem(last=False)
 
 
+class Reservation:
+    """Room for one object of one user, held while the object is built (see ``ObjectRegistry``)."""
+
+    def __init__(self, registry: ObjectRegistry, user_id: int) -> None:
+        self._registry = registry
+        self.user_id = user_id
+        self.held = True
+
+    def release(self) -> None:
+        """Give the room back (a no-op once the object was added or the room released)."""
+        self._registry._unreserve(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class ObjectRegistry:
     """All live objects, thread-safe (HTTP handlers, data threads and the reaper use it)."""
 
@@ -80,22 +103,56 @@ class ObjectRegistry:
         self.max_per_user = max_per_user
         self._objects: dict[str, RemoteObject] = {}
         self._by_key: dict[tuple[int, str], str] = {}
+        self._reserved: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._objects)
 
-    def check_room(self, user_id: int) -> None:
+    def count(self, user_id: int) -> int:
+        """The user's live objects and the creations in progress."""
         with self._lock:
-            n = sum(1 for o in self._objects.values() if o.user_id == user_id)
-        if n >= self.max_per_user:
-            raise CapacityError(
-                f"you have {n} live objects, the most this server allows (delete some or let them expire)"
-            )
+            return self._count(user_id)
 
-    def add(self, obj: RemoteObject) -> None:
+    def _count(self, user_id: int) -> int:
+        return sum(1 for o in self._objects.values() if o.user_id == user_id) + self._reserved.get(user_id, 0)
+
+    def reserve(self, user_id: int) -> Reservation:
+        """Room for one more object of ``user_id``, or a ``CapacityError`` naming the limit."""
         with self._lock:
+            n = self._count(user_id)
+            if n >= self.max_per_user:
+                raise CapacityError(
+                    f"you have {n} live objects, the most one user may hold (max_objects_per_user="
+                    f"{self.max_per_user}, set by twinkle-server serve --max-objects-per-user); "
+                    "delete some or let them expire"
+                )
+            self._reserved[user_id] = self._reserved.get(user_id, 0) + 1
+            return Reservation(self, user_id)
+
+    def _unreserve(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._drop_reservation(reservation)
+
+    def _drop_reservation(self, reservation: Reservation) -> None:
+        if not reservation.held:
+            return
+        reservation.held = False
+        left = self._reserved[reservation.user_id] - 1
+        if left:
+            self._reserved[reservation.user_id] = left
+        else:
+            del self._reserved[reservation.user_id]
+
+    def add(self, obj: RemoteObject, reservation: Reservation | None = None) -> None:
+        """Register ``obj``, in the room ``reservation`` held for it (if given, it must be the
+        owner's and still held)."""
+        with self._lock:
+            if reservation is not None:
+                if reservation.user_id != obj.user_id or not reservation.held:
+                    raise ValueError("an object must be added in a held reservation of its owner")
+                self._drop_reservation(reservation)
             self._objects[obj.object_id] = obj
             if obj.idempotency_key is not None:
                 self._by_key[(obj.user_id, obj.idempotency_key)] = obj.object_id

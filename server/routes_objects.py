@@ -115,7 +115,7 @@ async def create_object(request: Request, user: CurrentUser, ctx: Ctx, hub: Hub)
 
 async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key: str | None,
                   fingerprint: str | None, hub: HubCredentials) -> ObjectInfo:
-    ctx.objects.check_room(user.id)
+    room = ctx.objects.reserve(user.id)  # counted against the user's cap from now on
     object_id = new_object_id()
 
     def resolve(ref: str) -> Any:
@@ -131,11 +131,14 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
             return create_dataset(ctx.settings, args, kwargs)
         return create_dataloader(args, kwargs)
 
-    # Loading a dataset can take a while: never on the event loop.
-    instance = await ctx.run("data", user.id, build, hub)
-    obj = RemoteObject(object_id, req.kind, user.id, user.name, instance, idempotency_key=key,
-                       fingerprint=fingerprint)
-    ctx.objects.add(obj)
+    try:
+        # Loading a dataset can take a while: never on the event loop.
+        instance = await ctx.run("data", user.id, build, hub)
+        obj = RemoteObject(object_id, req.kind, user.id, user.name, instance, idempotency_key=key,
+                           fingerprint=fingerprint)
+        ctx.objects.add(obj, room)
+    finally:
+        room.release()  # a failed build gives the room back (a no-op once added)
     log.info("user %s: created %s %s", user.name, req.kind, object_id)
     return obj.info()
 
