@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,7 +21,7 @@ from .objects import ObjectRegistry, Reaper, RemoteObject
 from .runs import RunBook
 from .settings import Settings
 from .store import Store
-from .worker import DeviceWorker
+from .worker import DeviceWorker, FairExecutor
 
 T = TypeVar("T")
 log = logging.getLogger("twinkle_server")
@@ -36,19 +36,24 @@ class ServerContext:
     model: MultiLoraTransformersModel
     dtype: str
     worker: DeviceWorker = field(default_factory=DeviceWorker)
-    uploads: UploadJobs = field(default_factory=UploadJobs)
+    uploads: UploadJobs = field(init=False)
+    """Background hub uploads, capped by ``settings.max_uploads`` and ``max_uploads_per_user``."""
     objects: ObjectRegistry = field(init=False)
     book: RunBook = field(init=False)
     scrubber: ErrorScrubber = field(init=False)
-    data_pool: ThreadPoolExecutor = field(init=False)
+    data_pool: FairExecutor = field(init=False)
+    """The data threads, round-robin per user, at most ``data_threads_per_user`` of them per user."""
     reaper: Reaper = field(init=False)
     _shut_down: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self.objects = ObjectRegistry(self.settings.idle_timeout, self.settings.max_objects_per_user)
-        self.book = RunBook(self.store, self.settings, self.model, self.uploads)
-        self.scrubber = ErrorScrubber([self.settings.data_dir, self.model.model_dir, cache_dir()])
-        self.data_pool = ThreadPoolExecutor(self.settings.data_threads, thread_name_prefix="twinkle-data")
+        settings = self.settings
+        self.uploads = UploadJobs(settings.max_uploads, settings.max_uploads_per_user,
+                                  limit_note=", set by twinkle-server serve --max-uploads-per-user")
+        self.objects = ObjectRegistry(settings.idle_timeout, settings.max_objects_per_user)
+        self.book = RunBook(self.store, settings, self.model, self.uploads)
+        self.scrubber = ErrorScrubber([settings.data_dir, self.model.model_dir, cache_dir()])
+        self.data_pool = FairExecutor(settings.data_threads, settings.data_threads_per_user, name="twinkle-data")
         # Check a few times per timeout, so that expiry happens close to when it is due.
         interval = min(max(self.settings.idle_timeout / 4, 0.2), 10.0)
         self.reaper = Reaper(self.objects, self.close_object, interval)
@@ -61,10 +66,11 @@ class ServerContext:
         self.reaper.start()
 
     def submit(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` where objects of ``obj_kind`` run: the device worker for models, else a data thread."""
+        """Run ``fn`` where objects of ``obj_kind`` run: the device worker for models, else a data
+        thread. Both serve users round-robin; a user holds at most its share of the data threads."""
         if obj_kind == "model":
             return self.worker.submit(user_id, fn)
-        return self.data_pool.submit(fn)
+        return self.data_pool.submit(user_id, fn)
 
     def error_info(self, exc: BaseException, request_id: str | None, *, call: str | None = None) -> ErrorInfo:
         """What a client reads of ``exc`` (see ``ErrorScrubber``)."""
@@ -100,5 +106,5 @@ class ServerContext:
             except Exception:
                 log.exception("closing %s at shutdown failed", obj.object_id)
         self.worker.stop()
-        self.data_pool.shutdown(wait=False, cancel_futures=True)
+        self.data_pool.stop(timeout=0)  # queued data work is cancelled; running work is not awaited
         self.store.close()

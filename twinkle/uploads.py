@@ -4,7 +4,11 @@
 on a server alike. Each job has an ``owner`` (None locally, the user on a server): only the
 owner can see it. Jobs live in memory (an upload does not survive a restart, and its status
 is of no use after one). A hub token is handed to the upload and otherwise neither kept nor
-logged.
+logged (a queued job holds it until its upload starts).
+
+At most ``max_running`` uploads run at once (the rest wait, status ``queued``), and one owner
+may have at most ``max_per_owner`` jobs queued or running (more are refused with a
+``CapacityError``): a server bounds its upload threads, and no user fills the queue.
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinkle.errors import NotFoundError, first_line
+from twinkle.errors import CapacityError, NotFoundError, first_line
 from twinkle.protocol.names import split_hub_id
 from twinkle.protocol.wire import UploadStatus
 
 log = logging.getLogger("twinkle.uploads")
 UPLOAD_TIMEOUT_S = 30.0
 MAX_JOBS_KEPT = 1000
+MAX_RUNNING = 4
+"""Uploads running at once by default (locally, too)."""
 
 
 @dataclass
@@ -49,10 +56,19 @@ class UploadJob:
 
 
 class UploadJobs:
-    """Starts upload threads and answers status queries, owner-checked."""
+    """Starts upload threads (at most ``max_running`` at once) and answers status queries,
+    owner-checked. ``limit_note`` follows the per-owner limit in its refusal (how to change it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_running: int = MAX_RUNNING, max_per_owner: int | None = None, *,
+                 limit_note: str = "") -> None:
+        if max_running < 1 or (max_per_owner is not None and max_per_owner < 1):
+            raise ValueError("upload limits must be >= 1")
+        self.max_running = max_running
+        self.max_per_owner = max_per_owner
+        self.limit_note = limit_note
         self._jobs: dict[str, UploadJob] = {}
+        self._waiting: deque[tuple[UploadJob, Path, str | None]] = deque()
+        self._running = 0
         self._lock = threading.Lock()
 
     def start(
@@ -61,16 +77,46 @@ class UploadJobs:
         split_hub_id(hub_model_id, "hub_model_id")
         job = UploadJob(f"up-{secrets.token_hex(8)}", owner, hub_model_id, label)
         with self._lock:
+            if self.max_per_owner is not None:
+                active = sum(1 for j in self._jobs.values() if j.owner == owner and j.status in ("queued", "running"))
+                if active >= self.max_per_owner:
+                    raise CapacityError(
+                        f"you have {active} uploads queued or running, the most allowed "
+                        f"(max_uploads_per_user={self.max_per_owner}{self.limit_note}); "
+                        "start this one when one of them has ended"
+                    )
             self._jobs[job.upload_id] = job
             if len(self._jobs) > MAX_JOBS_KEPT:
                 finished = [j for j in self._jobs.values() if j.status in ("completed", "failed")]
                 for old in sorted(finished, key=lambda j: j.created)[: len(self._jobs) - MAX_JOBS_KEPT]:
                     del self._jobs[old.upload_id]
+            if self._running >= self.max_running:
+                job.progress = "waiting for another upload to end"
+                self._waiting.append((job, folder, hub_token))
+                return job
+            self._running += 1
         thread = threading.Thread(
-            target=self._run, args=(job, folder, hub_token), name=f"twinkle-upload-{job.upload_id}", daemon=True
+            target=self._work, args=(job, folder, hub_token), name=f"twinkle-upload-{job.upload_id}", daemon=True
         )
         thread.start()
         return job
+
+    def running(self) -> int:
+        """Uploads running now."""
+        with self._lock:
+            return self._running
+
+    def _work(self, job: UploadJob, folder: Path, hub_token: str | None) -> None:
+        """Run ``job``, then the waiting jobs in order, until none is left (one upload slot)."""
+        next_job: tuple[UploadJob, Path, str | None] | None = (job, folder, hub_token)
+        while next_job is not None:
+            self._run(*next_job)
+            with self._lock:
+                if self._waiting:
+                    next_job = self._waiting.popleft()
+                else:
+                    next_job = None
+                    self._running -= 1
 
     def busy(self, label: str) -> bool:
         """Whether an upload of the checkpoint ``label`` is queued or running (its folder must
