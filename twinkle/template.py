@@ -198,9 +198,12 @@ class Template:
 def _load_tokenizer(model_id: str) -> Any:
     from transformers import AutoTokenizer
 
+    # Inside hub.hub_credentials the download is the user's (their token, or anonymous); the
+    # tokenizer is then read from the local folder only.
     folder = hub.resolve_model_dir(model_id)
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        reason = first_line(exc)
-        raise NotFoundError(f"no usable tokenizer for {model_id!r} in {folder} ({reason})") from exc
+        # The reason may quote the folder, a path on this machine: never shown to the caller.
+        reason = hub.hide_paths(first_line(exc).replace(str(folder), "<model folder>"))
+        raise NotFoundError(f"no usable tokenizer for {model_id!r} ({reason})") from exc

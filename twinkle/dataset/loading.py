@@ -104,11 +104,11 @@ def _load_folder(meta: DatasetMeta, folder: Path) -> datasets.Dataset:
     """
     root = folder
     if meta.subset_name:
+        # DatasetMeta allows only plain names; check again that the subset stays inside.
         root = folder / meta.subset_name
-        if not root.is_dir():
-            raise NotFoundError(
-                f"dataset {meta.dataset_id!r} has no subset {meta.subset_name!r} (no folder {root})"
-            )
+        inside = root.resolve().is_relative_to(folder.resolve())
+        if not inside or not root.is_dir():
+            raise NotFoundError(f"dataset {meta.dataset_id!r} has no subset {meta.subset_name!r}")
     files = sorted(
         p
         for p in root.rglob("*")
@@ -118,8 +118,9 @@ def _load_folder(meta: DatasetMeta, folder: Path) -> datasets.Dataset:
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
+        where = f" (subset {meta.subset_name!r})" if meta.subset_name else ""
         raise NotFoundError(
-            f"dataset {meta.dataset_id!r} not found: no {'/'.join(DATA_SUFFIXES)} files in {root}"
+            f"dataset {meta.dataset_id!r} not found: no {'/'.join(DATA_SUFFIXES)} files{where}"
         )
 
     def split_of(p: Path) -> str | None:
@@ -148,7 +149,7 @@ def _load_folder(meta: DatasetMeta, folder: Path) -> datasets.Dataset:
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     except ValueError as exc:
         raise InvalidArgumentError(
-            f"dataset {meta.dataset_id!r}: its files have different columns ({first_line(exc)})"
+            f"dataset {meta.dataset_id!r}: its files have different columns ({hub.hide_paths(first_line(exc))})"
         ) from None
 
 
@@ -173,7 +174,7 @@ def _read_file(path: Path, dataset_id: str) -> datasets.Dataset:
         raise
     except Exception as exc:  # pyarrow/json raise many types for a malformed file
         raise InvalidArgumentError(
-            f"dataset {dataset_id!r}: cannot read {path.name} ({first_line(exc)})"
+            f"dataset {dataset_id!r}: cannot read {path.name} ({hub.hide_paths(first_line(exc))})"
         ) from None
 
 
@@ -197,12 +198,19 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_hf(meta: DatasetMeta, name: str) -> datasets.Dataset:
+    """An ``hf://`` dataset through ``datasets``; inside ``hub.hub_credentials`` with the
+    user's token or anonymously, after the hub confirmed the user may read it (``datasets``
+    would otherwise fall back to a copy cached for someone else)."""
     import datasets
 
+    revision = hub.hf_check_access(name, repo_type="dataset")
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     try:
-        ds = datasets.load_dataset(name, meta.subset_name, split=meta.split, keep_in_memory=True)
+        ds = datasets.load_dataset(
+            name, meta.subset_name, split=meta.split, keep_in_memory=True, **kwargs, **hub.hf_token_arg()
+        )
     except datasets.exceptions.DatasetNotFoundError as exc:
-        raise NotFoundError(f"dataset hf://{name} not found ({first_line(exc)})") from None
+        raise NotFoundError(f"dataset hf://{name} not found ({hub.hide_paths(first_line(exc))})") from None
     except Exception as exc:  # network, auth, bad subset/split: one line for the user
-        raise HubError(f"could not load hf://{name} ({first_line(exc)})") from exc
+        raise HubError(f"could not load hf://{name} ({hub.hide_paths(first_line(exc))})") from exc
     return ds
