@@ -4,7 +4,10 @@
 on a server alike. Each job has an ``owner`` (None locally, the user on a server): only the
 owner can see it. Jobs live in memory (an upload does not survive a restart, and its status
 is of no use after one). A hub token is handed to the upload and otherwise neither kept nor
-logged (a queued job holds it until its upload starts).
+logged (a queued job holds it until its upload starts). A job also keeps the hub
+credentials of the call that started it (``twinkle.hub.current_credentials``, the user's on a
+server) until it starts, and uploads inside them: with ``hub_token`` when given, else with
+the user's own token for that hub, never with the process's credentials.
 
 At most ``max_running`` uploads run at once (the rest wait, status ``queued``), and one owner
 may have at most ``max_per_owner`` jobs queued or running (more are refused with a
@@ -19,8 +22,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twinkle.errors import CapacityError, NotFoundError, first_line
 from twinkle.protocol.names import split_hub_id
@@ -44,6 +49,8 @@ class UploadJob:
     error: str | None = None
     progress: str | None = None
     created: float = field(default_factory=time.time)
+    credentials: Any = field(default=None, repr=False)
+    """The ``HubCredentials`` the upload runs with (None: the SDKs' defaults); dropped when it starts."""
 
     def view(self) -> UploadStatus:
         return UploadStatus(
@@ -74,8 +81,11 @@ class UploadJobs:
     def start(
         self, owner: Hashable, folder: Path, label: str, hub_model_id: str, hub_token: str | None
     ) -> UploadJob:
+        from .hub import current_credentials
+
         split_hub_id(hub_model_id, "hub_model_id")
-        job = UploadJob(f"up-{secrets.token_hex(8)}", owner, hub_model_id, label)
+        job = UploadJob(f"up-{secrets.token_hex(8)}", owner, hub_model_id, label,
+                        credentials=current_credentials())
         with self._lock:
             if self.max_per_owner is not None:
                 active = sum(1 for j in self._jobs.values() if j.owner == owner and j.status in ("queued", "running"))
@@ -132,12 +142,15 @@ class UploadJobs:
             return job.view()
 
     def _run(self, job: UploadJob, folder: Path, hub_token: str | None) -> None:
-        from .hub import upload_folder
+        from .hub import hub_credentials, upload_folder
 
+        credentials, job.credentials = job.credentials, None
         job.status = "running"
         job.progress = f"uploading {job.label}"
         try:
-            upload_folder(folder, job.hub_model_id, token=hub_token, timeout=UPLOAD_TIMEOUT_S)
+            # This thread may be another job's: run in this job's own credentials.
+            with hub_credentials(credentials) if credentials is not None else nullcontext():
+                upload_folder(folder, job.hub_model_id, token=hub_token, timeout=UPLOAD_TIMEOUT_S)
         except Exception as exc:  # every failure ends the job with one readable line
             message = first_line(exc)
             # The hub helpers name the folder; the owner knows the checkpoint by its label.
