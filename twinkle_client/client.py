@@ -33,10 +33,25 @@ from twinkle.protocol.wire import (
     UploadStatus,
 )
 
-from .transport import DEFAULT_URL, NO_RETRY, ClientClosedError, RetryPolicy, Transport
+from .transport import DEFAULT_URL, NO_RETRY, ClientClosedError, HubTokens, RetryPolicy, Transport
 
 ENV_URL = "TWINKLE_SERVER_URL"
 ENV_TOKEN = "TWINKLE_SERVER_TOKEN"
+ENV_HUB_TOKENS = {"hf": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "ms": ("MODELSCOPE_API_TOKEN",)}
+"""Where the user's own hub tokens are read from by default (the hub SDKs' own variables).
+``MODELSCOPE_TOKEN`` is not one of them: the ModelScope examples keep the twinkle server key
+there, which must never reach a hub."""
+
+
+def _hub_token(scheme: str, given: str | bool | None) -> str | None:
+    """``given`` as a hub token: None reads the user's environment, False or '' means none."""
+    if given is None:
+        return next((os.environ[name] for name in ENV_HUB_TOKENS[scheme] if os.environ.get(name)), None)
+    if given is False or given == "":
+        return None
+    if not isinstance(given, str):
+        raise InvalidArgumentError(f"{scheme}_token must be a string, False or None, got {type(given).__name__}")
+    return given
 
 
 class TwinkleClient:
@@ -52,6 +67,12 @@ class TwinkleClient:
             502/503/504 before raising ``TransportError``.
         compress: gzip large request bodies (token batches).
         http_transport: an ``httpx`` transport to use instead of the network (tests).
+        hf_token, ms_token: your own Hugging Face and ModelScope tokens. The server reads and
+            writes hubs for you with these (private datasets and models, ``upload_to_hub``)
+            and never with its own; without one it goes anonymously. Default: your
+            environment, read now: ``$HF_TOKEN`` (else ``$HUGGING_FACE_HUB_TOKEN``) and
+            ``$MODELSCOPE_API_TOKEN``. ``False`` sends none. They travel as request headers
+            of object creations and calls only, and are never logged or shown.
 
     Use it as a context manager, or call ``close()``, to release its connections.
     """
@@ -66,6 +87,8 @@ class TwinkleClient:
         retry_timeout: float = 60.0,
         compress: bool = True,
         http_transport: httpx.BaseTransport | None = None,
+        hf_token: str | bool | None = None,
+        ms_token: str | bool | None = None,
     ) -> None:
         url = base_url or os.environ.get(ENV_URL) or DEFAULT_URL
         key = api_key if api_key is not None else os.environ.get(ENV_TOKEN)
@@ -77,6 +100,7 @@ class TwinkleClient:
             retry=RetryPolicy(total_s=retry_timeout),
             compress=compress,
             http_transport=http_transport,
+            hub_tokens=HubTokens(hf=_hub_token("hf", hf_token), ms=_hub_token("ms", ms_token)),
         )
 
     # ------------------------------------------------------------------ basics
@@ -94,6 +118,10 @@ class TwinkleClient:
     def transport(self) -> Transport:
         """The HTTP layer (used by remote objects)."""
         return self._transport
+
+    def hub_token(self, scheme: str) -> str | None:
+        """Your token for the hub ``scheme`` (``'hf'`` or ``'ms'``) that this client sends, or None."""
+        return self._transport.hub_tokens.get(scheme)
 
     def close(self) -> None:
         """Release the connections (after any request in flight). Idempotent."""
@@ -252,7 +280,10 @@ def init_twinkle_client(base_url: str | None = None, api_key: str | None = None,
     """Connect to a twinkle server and make it the connection every remote object uses.
 
     ``base_url`` and ``api_key`` default to ``$TWINKLE_SERVER_URL`` (else
-    ``http://127.0.0.1:8000``) and ``$TWINKLE_SERVER_TOKEN``, read now. Calling it again
+    ``http://127.0.0.1:8000``) and ``$TWINKLE_SERVER_TOKEN``, read now. Your own hub tokens
+    (``hf_token=``, ``ms_token=``) default to ``$HF_TOKEN``/``$HUGGING_FACE_HUB_TOKEN`` and
+    ``$MODELSCOPE_API_TOKEN``: the server uses them, never its own, for your hub reads and
+    uploads (see ``TwinkleClient``). Calling it again
     replaces the connection: the previous client is closed (after requests in flight) and
     existing remote objects carry on over the new one when it points at the same server
     (objects on another server raise ``StateError`` on their next call). ``kwargs`` go to ``TwinkleClient``;

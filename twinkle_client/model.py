@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from twinkle.protocol.api import MODEL, Effect, Returns
-from twinkle.protocol.errors import HubError
+from twinkle.protocol.errors import HubError, InvalidArgumentError
+from twinkle.protocol.names import split_hub_id
 
-from .client import current_client
+from .client import current_client, peek_client
 from .derive import derive_remote_class
 from .events import TrainingEvent, emit
 from .pipeline import CallFuture
@@ -48,6 +49,26 @@ class _RemoteModel(RemoteObject):
     def _twinkle_adapter_of(self, call: BoundCall) -> str | None:
         adapter = call.values.get("adapter_name")
         return adapter if adapter is not None else self._twinkle_last_adapter
+
+    def _twinkle_before(self, call: BoundCall) -> None:
+        if call.spec.effect is Effect.UPLOAD and call.values.get("hub_token") is None:
+            self._twinkle_fill_hub_token(call)
+
+    @staticmethod
+    def _twinkle_fill_hub_token(call: BoundCall) -> None:
+        """``upload_to_hub`` without ``hub_token``: use your own token for the hub that
+        ``hub_model_id`` names (``hf://`` Hugging Face, ``ms://`` or a bare ``org/name``
+        ModelScope), as the client was given it (by default from your environment). With
+        none, the call goes as it is and the server says that it needs ``hub_token``."""
+        try:
+            scheme, _ = split_hub_id(call.values.get("hub_model_id"), "hub_model_id")
+        except InvalidArgumentError:
+            return  # the server reports a malformed id
+        client = peek_client()  # the client the call will go through (a call never makes one)
+        token = client.hub_token(scheme) if client is not None else None
+        if token:
+            call.kwargs["hub_token"] = token
+            call.values["hub_token"] = token
 
     def _twinkle_after(self, call: BoundCall, future: CallFuture, value: Any) -> Any:
         effect = call.spec.effect

@@ -107,6 +107,10 @@ class RemoteObject:
     def _twinkle_setup(self) -> None:
         """Client-side state of a subclass; runs before the server object is created."""
 
+    def _twinkle_before(self, call: BoundCall) -> None:
+        """A subclass may complete a call's arguments here, before it is sent (a value the
+        client knows and the caller left out)."""
+
     def _twinkle_after(self, call: BoundCall, future: CallFuture, value: Any) -> Any:
         """A subclass's view of a call's outcome (for a deferred call: as soon as it is queued,
         with its lazy value); returns what the caller gets."""
@@ -127,7 +131,9 @@ class RemoteObject:
         if spec.args_of(Arg.CHECKPOINT):
             args = [_as_text(a) for a in args]
             kwargs = {k: _as_text(v) for k, v in kwargs.items()}
-        return self._twinkle_invoke(BoundCall(spec, args, kwargs, filled))
+        call = BoundCall(spec, args, kwargs, filled)
+        self._twinkle_before(call)
+        return self._twinkle_invoke(call)
 
     def _twinkle_invoke(self, call: BoundCall) -> Any:
         """Send ``call``: a lazy value if it is deferred, else wait for its value."""
@@ -147,7 +153,8 @@ class RemoteObject:
         # The key makes a creation retried after a lost reply return the same object.
         headers = {"Idempotency-Key": uuid.uuid4().hex}
         server, data = on_current_client(
-            lambda c: (c.base_url, c.transport.post_msgpack("/objects", payload, headers=headers)), type(self).__name__
+            lambda c: (c.base_url, c.transport.post_msgpack("/objects", payload, headers=headers, hub=True)),
+            type(self).__name__,
         )
         try:
             info = ObjectInfo.model_validate(data)
@@ -158,7 +165,7 @@ class RemoteObject:
         label = f"{type(self).__name__} {info.object_id}"
         path = f"/objects/{info.object_id}/calls"
         self._twinkle_pipeline = Pipeline(
-            label, lambda body: on_current_client(lambda c: c.transport.post_msgpack(path, body), label, server)
+            label, lambda body: on_current_client(lambda c: c.transport.post_msgpack(path, body, hub=True), label, server)
         )
         # Dropped without close() (e.g. `model = ...` run again): free the server object too,
         # or its adapter slot stays taken until the server's idle timeout.

@@ -36,7 +36,7 @@ from twinkle.errors import (
 )
 from twinkle.protocol import codec
 from twinkle.protocol.limits import COMPRESS_MIN_BYTES
-from twinkle.protocol.wire import API_PREFIX, ErrorResponse
+from twinkle.protocol.wire import API_PREFIX, HUB_TOKEN_HEADERS, ErrorResponse
 
 log = logging.getLogger("twinkle_client.transport")
 
@@ -76,6 +76,40 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
+class HubTokens:
+    """The user's own hub tokens, sent to the server on object requests only (as the
+    ``HUB_TOKEN_HEADERS`` headers), so that its hub reads and writes for that user use them.
+
+    Its repr never shows a token, and nothing here logs one.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, hf: str | None = None, ms: str | None = None) -> None:
+        tokens = {}
+        for scheme, value in (("hf", hf), ("ms", ms)):
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str) or not value.isascii() or not value.isprintable() or any(
+                c.isspace() for c in value
+            ):
+                # Say which, never what: the value is a secret.
+                raise InvalidArgumentError(f"the {scheme} hub token must be printable ASCII without spaces")
+            tokens[scheme] = value
+        self._tokens: dict[str, str] = tokens
+
+    def get(self, scheme: str) -> str | None:
+        """The token for ``'hf'`` or ``'ms'``, or None."""
+        return self._tokens.get(scheme)
+
+    def headers(self) -> dict[str, str]:
+        return {HUB_TOKEN_HEADERS[scheme]: token for scheme, token in self._tokens.items()}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{s}={'set' if s in self._tokens else None}" for s in ("hf", "ms"))
+        return f"HubTokens({shown})"
+
+
 class ClientClosedError(StateError):
     """The client was closed before this request went out: nothing was sent."""
 
@@ -98,9 +132,11 @@ class Transport:
         retry: RetryPolicy | None = None,
         compress: bool = True,
         http_transport: httpx.BaseTransport | None = None,
+        hub_tokens: HubTokens | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.has_api_key = bool(api_key)
+        self.hub_tokens = hub_tokens or HubTokens()
         self.retry = retry or RetryPolicy()
         self._compress = compress
         headers = {"User-Agent": "twinkle-client"}
@@ -158,11 +194,16 @@ class Transport:
         return _decode(self.request("DELETE", path, retry=retry))
 
     def post_msgpack(
-        self, path: str, payload: Any, *, headers: dict[str, str] | None = None, retry: RetryPolicy | None = None
+        self, path: str, payload: Any, *, headers: dict[str, str] | None = None, retry: RetryPolicy | None = None,
+        hub: bool = False,
     ) -> Any:
-        """POST wire-ready ``payload`` as msgpack and return the decoded reply."""
+        """POST wire-ready ``payload`` as msgpack and return the decoded reply. With ``hub``
+        (object creations and calls, which may read or write a hub for the user) the user's
+        hub tokens go along as headers; per request, never as default headers of the pool."""
         body = codec.pack(payload)
         hdrs = {"Content-Type": codec.CONTENT_TYPE, "Accept": codec.CONTENT_TYPE, **(headers or {})}
+        if hub:
+            hdrs.update(self.hub_tokens.headers())
         if self._compress and len(body) >= COMPRESS_MIN_BYTES:
             try:
                 return _decode(
