@@ -1,26 +1,37 @@
 """Request and response bodies of the object routes: msgpack by default, JSON on request.
 
 A request whose ``Content-Type`` is ``application/json`` is read as JSON and answered in
-JSON; everything else is msgpack (``twinkle_client.codec``). In JSON answers the codec's
+JSON; everything else is msgpack (``twinkle.protocol.codec``). In JSON answers the codec's
 packed arrays become plain nested lists, since JSON has no bytes.
+
+What one request may cost is bounded before it is spent: the body is read up to
+``MAX_BODY_BYTES`` (also after gzip is undone), and the decoded value up to the codec's
+``Bounds`` (values, nesting, packed array elements), refused while it is being built. Only
+reading the bytes happens on the event loop; inflating, parsing, checking and validating run
+on the decoding threads (``DECODE_THREADS`` of them), so that a hostile body never holds up
+other users' requests, health included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import zlib
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from twinkle.errors import InvalidArgumentError, PayloadTooLargeError, UnsupportedMediaTypeError
+from twinkle.errors import InvalidArgumentError, PayloadTooLargeError, UnsupportedMediaTypeError, first_line
 from twinkle.protocol import codec
 from twinkle.protocol.limits import MAX_BODY_BYTES
 
+T = TypeVar("T")
 JSON = "application/json"
 MSGPACK = codec.CONTENT_TYPE
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
@@ -50,20 +61,61 @@ def wants_msgpack(request: Request) -> bool:
     return bool(accept) and accept[0] in _MSGPACK_TYPES
 
 
-async def read_body(request: Request) -> Any:
-    """The decoded body; a malformed one is an ``InvalidArgumentError`` (400)."""
+DECODE_THREADS = 2
+"""Request bodies decoded at once. Few: decoding is CPU work under the GIL, and each body being
+decoded holds its memory (see the README's server section for one request's bound)."""
+REQUEST_BOUNDS = codec.Bounds()
+_decoder: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    global _decoder
+    if _decoder is None:
+        _decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="twinkle-decode")
+    return _decoder
+
+
+async def read_body(request: Request, then: Callable[[Any], T] | None = None) -> Any:
+    """The decoded body, or ``then(decoded body)``: everything after the bytes arrived (inflating,
+    parsing, the bounds, ``then``'s validation) runs on a decoding thread, not the event loop.
+    A malformed body is an ``InvalidArgumentError`` (400), one too large a ``PayloadTooLargeError``
+    (413)."""
     content_type = _media_type(request.headers.get("content-type"))
-    body = _inflate(await _read_capped(request), request.headers.get("content-encoding"))
-    if content_type == JSON:
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"request body is not valid JSON: {exc}") from None
-    if content_type and content_type not in _MSGPACK_TYPES:
-        raise InvalidArgumentError(f"Content-Type must be {MSGPACK} or {JSON}, got {content_type}")
-    if not body:
-        raise InvalidArgumentError("request body is empty")
-    return codec.unpack(body)
+    if content_type and content_type != JSON and content_type not in _MSGPACK_TYPES:
+        raise InvalidArgumentError(f"Content-Type must be {MSGPACK} or {JSON}, got {content_type[:100]}")
+    raw = await _read_capped(request)
+    encoding = request.headers.get("content-encoding")
+
+    def decode() -> Any:
+        data = decode_body(_inflate(raw, encoding), is_json=content_type == JSON)
+        return then(data) if then is not None else data
+
+    return await asyncio.wrap_future(_decode_pool().submit(decode))
+
+
+def decode_body(body: bytes, *, is_json: bool, bounds: codec.Bounds = REQUEST_BOUNDS) -> Any:
+    """Parse a request body within ``bounds`` (CPU-bound: call it off the event loop)."""
+    if not is_json:
+        if not body:
+            raise InvalidArgumentError("request body is empty")
+        return codec.unpack_request(body, bounds)
+    # json.loads cannot stop midway, so bound what it builds first: a JSON text holds at most one
+    # list item or map entry per comma, '[' and '{', plus one (strings holding those characters
+    # only make this stricter); check_wire then counts exactly.
+    most = body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+    if most > bounds.values:
+        raise PayloadTooLargeError(
+            f"JSON request body may hold more than {bounds.values} values (counting commas and brackets); "
+            "send the data in smaller requests, or as msgpack"
+        )
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise InvalidArgumentError(f"request body nests lists and maps more than {bounds.depth} deep") from None
+    except ValueError as exc:  # also the UnicodeDecodeError of a body that is not UTF-8
+        raise InvalidArgumentError(f"request body is not valid JSON: {first_line(exc)}") from None
+    codec.check_wire(data, bounds)
+    return data
 
 
 async def _read_capped(request: Request) -> bytes:

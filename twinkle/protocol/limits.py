@@ -12,6 +12,17 @@ MAX_BATCHES_PER_CALL = 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024
 """Largest request body, after gzip is undone."""
 MAX_SEQ = 2**53 - 1
-"""Largest call seq: what JSON numbers and msgpack integers both carry exactly."""
+"""Largest call seq: what JSON numbers and msgpack integers both carry exactly. Also the
+largest step, offset or other integer a query parameter takes."""
+MAX_WIRE_VALUES = 1 << 20
+"""Values one request body may hold: every item of a list and every key and every value of
+a map counts one. Token ids travel as packed arrays, which count as one value each."""
+MAX_WIRE_DEPTH = 32
+"""How deeply lists and maps may nest in one request body."""
+MAX_WIRE_ELEMENTS = 1 << 23
+"""Elements of all packed arrays (``codec``'s ``__nd__`` form) in one request body together
+(8M: 64 calls of 16384 tokens each, with their ids, labels and a mask, still fit)."""
+MAX_ARRAY_DIMS = 32
+"""Dimensions of one packed array."""
 COMPRESS_MIN_BYTES = 4096
 """Bodies at least this large are gzipped by the client (token batches shrink to ~10%)."""

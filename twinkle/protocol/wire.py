@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .limits import MAX_SEQ
+
 API_PREFIX = "/api/v1"
 HUB_TOKEN_HEADERS = {"hf": "X-Twinkle-HF-Token", "ms": "X-Twinkle-MS-Token"}
 """Request headers that carry the user's own hub tokens to the server, which does every hub
@@ -78,7 +80,9 @@ class ServerInfo(_Model):
     max_loras: int
     max_r: int
     used_slots: int
+    """Adapter slots the caller's own adapters hold (other users' use is not shown)."""
     free_slots: int
+    """Adapter slots free on the server now."""
     device: str
     idle_timeout_s: float
     user: str
@@ -218,9 +222,10 @@ class ObjectInfo(_Model):
 
 
 class Call(_Model):
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_SEQ)
     """Per-object sequence number. The server runs each seq at most once and in order; a
-    retried seq gets the stored result back."""
+    retried seq gets the stored result back if it repeats the call exactly (same method and
+    arguments), else a ``conflict`` error (409)."""
     method: str
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
