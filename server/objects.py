@@ -60,6 +60,9 @@ class RemoteObject:
     last_used: float = field(default_factory=time.time)
     last_seq: int = 0
     results: OrderedDict[int, CallResult] = field(default_factory=OrderedDict)
+    calls: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """seq -> (method, digest of method and arguments) of each call in ``results``: a retry must
+    repeat its call exactly to be answered from the record."""
     busy: int = 0
     """Requests using the object right now; the reaper never closes a busy object."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -68,12 +71,16 @@ class RemoteObject:
     def info(self) -> ObjectInfo:
         return ObjectInfo(object_id=self.object_id, kind=self.kind)  # type: ignore[arg-type]
 
-    def record(self, seq: int, result: CallResult) -> None:
-        """Remember a call's result (successful or not): the seq is spent either way."""
+    def record(self, seq: int, result: CallResult, call: tuple[str, str] | None = None) -> None:
+        """Remember a call's result (successful or not) and what the call was (method, digest):
+        the seq is spent either way."""
         self.results[seq] = result
+        if call is not None:
+            self.calls[seq] = call
         self.last_seq = seq
         while len(self.results) > RESULTS_KEPT:
-            self.results.popitem(last=False)
+            dropped, _ = self.results.popitem(last=False)
+            self.calls.pop(dropped, None)
 
 
 class Reservation:
