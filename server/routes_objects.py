@@ -1,8 +1,11 @@
 """Remote object routes: create an object, run a batch of calls on it, delete it.
 
-Bodies are msgpack (or JSON, see ``wire``). A call batch runs exactly once per call
-sequence number: a retried batch gets the stored results back, and a retry that arrives
-while the first attempt still runs waits for it (the object's lock) and then does the same.
+Bodies are msgpack (or JSON, see ``wire``), decoded and validated off the event loop. A call
+batch runs exactly once per call sequence number: a retried batch gets the stored results
+back, and a retry that arrives while the first attempt still runs waits for it (the object's
+lock) and then does the same. A retry must repeat its calls exactly (method and a digest of
+the arguments): a different call under a spent seq is a ``ConflictError`` (409), never
+answered from the record of another call.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from twinkle.errors import InvalidArgumentError, NotFoundError, ServerError, TwinkleError
+from twinkle.errors import ConflictError, InvalidArgumentError, NotFoundError, ServerError, TwinkleError
 from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
 from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
@@ -58,7 +61,28 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+def _parse_create(data: Any, with_fingerprint: bool) -> tuple[CreateObjectRequest, str | None]:
+    """The validated creation request and, for an Idempotency-Key, its fingerprint (decoding thread)."""
+    req = _validate(CreateObjectRequest, data)
+    return req, hashlib.sha256(codec.pack(data)).hexdigest() if with_fingerprint else None
+
+
+def _parse_batch(data: Any) -> tuple[CallBatch, list[tuple[str, str]]]:
+    """The validated batch and what each call is (method, digest), for matching retries (decoding thread)."""
+    calls = data.get("calls") if isinstance(data, dict) else None
+    if isinstance(calls, list) and len(calls) > MAX_CALLS_PER_BATCH:
+        raise InvalidArgumentError(
+            f"a request may carry at most {MAX_CALLS_PER_BATCH} calls, got {len(calls)}; "
+            "send the rest in another request"
+        )
+    batch: CallBatch = _validate(CallBatch, data)
+    for before, after in zip(batch.calls, batch.calls[1:], strict=False):
+        if after.seq <= before.seq:
+            raise InvalidArgumentError(f"seqs must increase within a request: {after.seq} follows {before.seq}")
+    return batch, [(c.method, codec.digest([c.method, c.args, c.kwargs])) for c in batch.calls]
 
 
 def _pending(request: Request) -> dict[tuple[int, str], tuple[str, asyncio.Future[ObjectInfo]]]:
@@ -73,14 +97,13 @@ def _pending(request: Request) -> dict[tuple[int, str], tuple[str, asyncio.Futur
 async def create_object(request: Request, user: CurrentUser, ctx: Ctx, hub: Hub) -> Response:
     """Create a remote dataset, dataloader or model. With an ``Idempotency-Key`` header, a repeat
     of the same request (same user and key, while the object lives) returns the same object."""
-    data = await read_body(request)
-    req: CreateObjectRequest = _validate(CreateObjectRequest, data)
     key = request.headers.get("idempotency-key")
+    req, fingerprint = await read_body(request, lambda data: _parse_create(data, key is not None))
     if key is None:
         return respond(request, await _create(ctx, user, req, None, None, hub))
     if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
         raise InvalidArgumentError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")
-    fingerprint = hashlib.sha256(codec.pack(data)).hexdigest()
+    assert fingerprint is not None
     pending = _pending(request)
     slot = (user.id, key)
     existing = ctx.objects.by_idempotency_key(user.id, key)
@@ -146,28 +169,28 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
 @router.post("/objects/{object_id}/calls", response_model=CallBatchResult, responses=_ERRORS)
 async def call_object(object_id: str, request: Request, user: CurrentUser, ctx: Ctx, hub: Hub) -> Response:
     """Run calls in order; stop at the first failure. Per-call errors keep the status 200."""
-    data = await read_body(request)
-    batch: CallBatch = _validate(CallBatch, data)
-    if len(batch.calls) > MAX_CALLS_PER_BATCH:
-        raise InvalidArgumentError(
-            f"a request may carry at most {MAX_CALLS_PER_BATCH} calls, got {len(batch.calls)}; "
-            "send the rest in another request"
-        )
+    batch, identities = await read_body(request, _parse_batch)
     # Shielded: once started, a batch finishes and records its results even if the client goes away,
     # so that the retry finds them instead of running a call a second time.
-    task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, _request_id(request), hub))
+    task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, identities, _request_id(request), hub))
     return respond(request, await asyncio.shield(task))
 
 
 async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: CallBatch,
-                     request_id: str | None, hub: HubCredentials) -> CallBatchResult:
+                     identities: list[tuple[str, str]], request_id: str | None,
+                     hub: HubCredentials) -> CallBatchResult:
     obj = ctx.objects.acquire(user.id, object_id)
     try:
         async with obj.lock:
             if obj.closed:
                 raise NotFoundError(f"no object {object_id!r} (it was deleted)")
+            # Seqs increase within a batch, so every retried call comes before the first new one:
+            # a mismatch is refused before anything runs.
+            for call, identity in zip(batch.calls, identities, strict=True):
+                if call.seq <= obj.last_seq:
+                    _check_retry(obj, call, identity)
             results: list[CallResult] = []
-            for call in batch.calls:
+            for call, identity in zip(batch.calls, identities, strict=True):
                 if call.seq <= obj.last_seq:
                     result = obj.results.get(call.seq) or CallResult(
                         seq=call.seq,
@@ -177,13 +200,25 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                     )
                 else:
                     result = await _execute(ctx, user, obj, call, request_id, hub)
-                    obj.record(call.seq, result)
+                    obj.record(call.seq, result, identity)
                 results.append(result)
                 if not result.ok:
                     break
             return CallBatchResult(results=results)
     finally:
         ctx.objects.release(obj)
+
+
+def _check_retry(obj: RemoteObject, call: Call, identity: tuple[str, str]) -> None:
+    """A call under a seq that already ran must be that call again (method and arguments)."""
+    recorded = obj.calls.get(call.seq)
+    if recorded is None or recorded == identity:
+        return
+    what = "other arguments" if recorded[0] == call.method else f"method {recorded[0]!r}"
+    raise ConflictError(
+        f"call {call.seq} already ran with {what}; a retry must repeat the call exactly, "
+        f"a new call takes the next seq ({obj.last_seq + 1})"
+    )
 
 
 def _stale_message(obj: RemoteObject, seq: int) -> str:
