@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners import lora
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint as ckpt
-from ..errors import CapacityError, CheckpointError, InvalidArgumentError, NotFoundError, StateError
+from ..errors import (
+    CapacityError,
+    CheckpointError,
+    InvalidArgumentError,
+    NotFoundError,
+    StateError,
+    first_line,
+)
 from ..hub import canonical_model_id, resolve_model_dir, split_id
 from ..loss import Loss
 from ..paths import atomic_directory
@@ -23,9 +34,12 @@ from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..registry import REGISTRY
 from ..template import Template
 from .adapter import AdapterState, ComponentSpec
+from .lora_policy import PolicyLimits, check_lora_config
 
-# LoRA settings that would make an adapter touch more than its own low-rank weights.
-_REJECTED_LORA_FIELDS = {"modules_to_save": None, "trainable_token_indices": None}
+# The peft layer classes an adapter may live in: the base layer's forward runs untouched and
+# the adapter's own weights add to its output. (peft's MultiheadAttention merges into the
+# base weights around every forward; ParamWrapper parametrizes base parameters.)
+_ALLOWED_LORA_LAYERS = (lora.Linear, lora.Embedding)
 
 
 def _default_device() -> torch.device:
@@ -68,6 +82,7 @@ class MultiLoraTransformersModel(ModelAPI):
         for param in base.parameters():
             param.requires_grad_(False)
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self._lora_limits = PolicyLimits(max_r=max_r, fan_in_fan_out=_uses_conv1d(base))
         self._base = base
         self._peft: PeftModel | None = None
         self._adapters: dict[str, AdapterState] = {}
@@ -122,8 +137,16 @@ class MultiLoraTransformersModel(ModelAPI):
                         self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
                     else:
                         self._peft.add_adapter(peft_name, copy.deepcopy(config))
-                except (ValueError, TypeError) as exc:
-                    raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {exc}") from None
+                    self._check_adapter_layers(peft_name)
+                except torch.OutOfMemoryError:
+                    self._discard_partial_adapter(peft_name)
+                    raise CapacityError(f"adapter {adapter_name!r} does not fit in device memory") from None
+                except (ValueError, TypeError, KeyError, IndexError, re.error) as exc:
+                    self._discard_partial_adapter(peft_name)
+                    raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {first_line(exc)}") from None
+                except BaseException:
+                    self._discard_partial_adapter(peft_name)
+                    raise
             self._peft.to(self.device)
             self._adapters[adapter_name] = AdapterState(
                 name=adapter_name,
@@ -140,25 +163,28 @@ class MultiLoraTransformersModel(ModelAPI):
             del self._adapters[state.name]
 
     def _check_lora_config(self, config: LoraConfig | dict[str, Any]) -> LoraConfig:
-        if isinstance(config, dict):
-            try:
-                config = LoraConfig(**config)
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgumentError(f"bad LoRA config: {exc}") from None
-        if not isinstance(config, LoraConfig):
-            raise InvalidArgumentError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
-        if isinstance(config.r, bool) or not isinstance(config.r, int):
-            raise InvalidArgumentError(f"LoRA rank r must be an integer, got {config.r!r}")
-        if config.r > self.max_r:
-            raise InvalidArgumentError(f"LoRA rank r={config.r} is above this model's max_r={self.max_r}")
-        if config.r < 1:
-            raise InvalidArgumentError(f"LoRA rank r must be >= 1, got {config.r}")
-        for field_name, allowed in _REJECTED_LORA_FIELDS.items():
-            if getattr(config, field_name, allowed) != allowed:
-                raise InvalidArgumentError(f"LoRA config field {field_name} is not supported on a shared base model")
-        if config.bias != "none":
-            raise InvalidArgumentError("LoRA config bias must be 'none' on a shared base model")
-        return config
+        """The accepted config (see ``lora_policy``): it keeps the adapter to its own low-rank weights."""
+        return check_lora_config(config, self._lora_limits)
+
+    def _check_adapter_layers(self, peft_name: str) -> None:
+        for module_name, module in self._base.named_modules():
+            if isinstance(module, BaseTunerLayer) and peft_name in module._all_available_adapter_names():
+                if not isinstance(module, _ALLOWED_LORA_LAYERS):
+                    base_layer = type(module.get_base_layer()).__name__
+                    raise ValueError(
+                        f"LoRA on {module_name} ({base_layer}) is not supported on a shared base model; "
+                        "target Linear or Embedding layers"
+                    )
+
+    def _discard_partial_adapter(self, peft_name: str) -> None:
+        """Remove what a failed add left behind: its weights in the layers it reached, its config."""
+        for module in self._base.modules():
+            if isinstance(module, BaseTunerLayer) and peft_name in module._all_available_adapter_names():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module.delete_adapter(peft_name)
+        if self._peft is not None:
+            self._peft.peft_config.pop(peft_name, None)
 
     def _adapter(self, adapter_name: str | None) -> AdapterState:
         if adapter_name is None:
@@ -564,6 +590,13 @@ class MultiLoraTransformersModel(ModelAPI):
             return LOCAL.start(None, folder, str(folder), hub_model_id, hub_token).upload_id
         upload_folder(folder, hub_model_id, token=hub_token)
         return None
+
+
+def _uses_conv1d(model: torch.nn.Module) -> bool:
+    """Whether the model's projections are transformers ``Conv1D`` (GPT-2 style), which need fan_in_fan_out."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in model.modules())
 
 
 def _spec_name(name_or_cls: Any) -> str:
