@@ -117,6 +117,11 @@ class ObjectRegistry:
         with self._lock:
             return len(self._objects)
 
+    def of_user(self, user_id: int) -> list[RemoteObject]:
+        """The user's live objects (a snapshot)."""
+        with self._lock:
+            return [o for o in self._objects.values() if o.user_id == user_id]
+
     def count(self, user_id: int) -> int:
         """The user's live objects and the creations in progress."""
         with self._lock:
