@@ -3,11 +3,17 @@
 Calls are bound against the declarations (``twinkle.protocol.api``), whose argument kinds
 say what the server must vet (dataset ids, model ids). Data objects run on the data
 threads; models on the device worker (``model_handle.ModelHandle``).
+
+Sizes are checked before any work is queued: a model call's ``inputs`` may hold at most
+``max_tokens_per_call`` padded tokens (``check_call_size``, read from the call as it
+travelled, before decoding). Datasets made here transform rows in the data thread itself
+(``Dataset.max_num_proc = 1``): a ``num_proc`` asked for never forks server processes.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +21,7 @@ import torch
 
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta
-from twinkle.errors import InvalidArgumentError, NotFoundError, StateError
+from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError, StateError
 from twinkle.hub import canonical_model_id
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.protocol.api import (
@@ -35,6 +41,9 @@ from .policy import check_dataset_id, check_remote_id
 from .settings import Settings
 
 KINDS = tuple(API_BY_KIND)
+SERVER_NUM_PROC = 1
+"""Processes a remote dataset's map/filter/encode may use: the data thread's own (a larger
+``num_proc`` is accepted and lowered to it; forks of the server would escape every limit)."""
 # Model settings that belong to the server: a client may repeat them, not change them.
 SERVER_SETTINGS = ("max_loras", "max_r", "device", "dtype")
 
@@ -77,7 +86,9 @@ def create_dataset(settings: Settings, args: list[Any], kwargs: dict[str, Any]) 
     bound = _bind("Dataset()", DATASET.init, args, kwargs)
     meta = _meta(bound.arguments["dataset_meta"])
     _check_meta(meta, settings)
-    return Dataset(meta)
+    dataset = Dataset(meta)
+    dataset.max_num_proc = SERVER_NUM_PROC
+    return dataset
 
 
 def create_dataloader(args: list[Any], kwargs: dict[str, Any]) -> LoaderHandle:
@@ -141,6 +152,87 @@ def _same_setting(name: str, value: Any, model: MultiLoraTransformersModel, serv
     except (RuntimeError, ValueError):
         return False
     return device.type == model.device.type and device.index in (None, model.device.index or 0)
+
+
+# ------------------------------------------------------------------------------- sizes
+
+
+def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, Any], settings: Settings) -> None:
+    """Refuse a model call whose ``inputs`` hold more than ``max_tokens_per_call`` padded tokens
+    (rows x longest row, what the device computes on), before it is queued for the worker.
+
+    Reads the arguments as they travelled (packed arrays carry their shape), so nothing is
+    decoded for a call that is refused; forms it does not recognise count as nothing (the
+    model's input processor refuses them).
+    """
+    if kind != "model":
+        return
+    try:
+        a = MODEL.method(method).signature.bind(None, *args, **kwargs).arguments
+    except (InvalidArgumentError, TypeError):
+        return  # reported by the call itself
+    if "inputs" not in a:
+        return
+    rows, length = _token_shape(a["inputs"])
+    tokens = rows * length
+    most = settings.max_tokens_per_call
+    if tokens > most:
+        raise CapacityError(
+            f"{method}: the inputs hold {tokens} tokens ({rows} rows x {length}, padded), more than one "
+            f"call may carry (max_tokens_per_call={most}, set by twinkle-server serve --max-tokens-per-call); "
+            "send fewer or shorter rows per call"
+        )
+
+
+_ND = "__nd__"
+
+
+def _shape(value: Any) -> list[int] | None:
+    """The shape of a packed array as sent, or None if ``value`` is not one (or is malformed)."""
+    if not isinstance(value, dict) or _ND not in value:
+        return None
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return None
+    return shape
+
+
+def _row_length(value: Any) -> int:
+    """Tokens of one row: a packed array, a list, or one token."""
+    shape = _shape(value)
+    if shape is not None:
+        return math.prod(shape)
+    if isinstance(value, list | tuple):
+        return len(value)
+    return 1 if isinstance(value, int) else 0
+
+
+def _token_shape(inputs: Any) -> tuple[int, int]:
+    """``(rows, longest row)`` of a model call's ``inputs`` as sent: a list of samples (each
+    with ``input_ids``/``labels``) or a collated dict of 2-D ``input_ids``/``labels``."""
+    if isinstance(inputs, list | tuple):
+        longest = 0
+        for sample in inputs:
+            if isinstance(sample, dict):
+                longest = max(longest, *(_row_length(sample.get(k)) for k in ("input_ids", "labels")))
+        return len(inputs), longest
+    if not isinstance(inputs, dict):
+        return 0, 0
+    rows, longest = 0, 0
+    for key in ("input_ids", "labels", "attention_mask"):
+        value = inputs.get(key)
+        shape = _shape(value)
+        if shape is not None:
+            r, n = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, math.prod(shape))
+        elif isinstance(value, list | tuple):
+            r, n = len(value), max((_row_length(v) for v in value), default=0)
+            if value and all(isinstance(v, int) for v in value):
+                r, n = 1, len(value)
+        else:
+            continue
+        rows, longest = max(rows, r), max(longest, n)
+    return rows, longest
 
 
 # --------------------------------------------------------------------------------- calls

@@ -36,7 +36,14 @@ from twinkle.protocol.wire import (
 
 from .context import ServerContext
 from .deps import Ctx, CurrentUser, Hub
-from .kinds import call_data_object, check_method, check_model_kwargs, create_dataloader, create_dataset
+from .kinds import (
+    call_data_object,
+    check_call_size,
+    check_method,
+    check_model_kwargs,
+    create_dataloader,
+    create_dataset,
+)
 from .model_handle import ModelHandle
 from .objects import RemoteObject, new_object_id
 from .store import User
@@ -252,6 +259,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
     try:
         check_method(obj.kind, method)
+        check_call_size(obj.kind, method, call.args, call.kwargs, ctx.settings)  # before it is queued
         value, run_id = await ctx.run(obj.kind, user.id, work, hub)
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
