@@ -6,7 +6,9 @@ Every remote call is bound against the method's declaration (``twinkle.protocol.
 handled by what that declaration says: which parameters name an adapter, a checkpoint or
 something the server chooses, and which ``Effect`` to record. There is no per-method code
 here, only one recorder per kind of effect (``_EFFECTS``). Its methods run on the device
-worker only, so the model and the records never race.
+worker only, so the model and the records never race, and a limit checked before a call
+still holds when the call runs (adapter slots: ``max_loras`` in all, ``max_loras_per_user``
+per user; ranks up to ``max_r``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twinkle.errors import InvalidArgumentError, NotFoundError, StateError, TwinkleError
+from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError, StateError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.protocol import codec
 from twinkle.protocol.api import MODEL, Arg, Effect, Method
@@ -184,7 +186,8 @@ class ModelHandle:
         )
 
     def _detach(self, link: AdapterLink) -> None:
-        self.links.pop(link.name, None)
+        if self.links.pop(link.name, None) is link:
+            self.book.adapter_removed(self.user.id)
         self.book.release(link.run_id)
         self._record(f"run {link.run_id} as detached", self.store.set_run_status, link.run_id, "detached")
 
@@ -203,11 +206,30 @@ class ModelHandle:
         name = check_adapter_name(call.a["adapter_name"])
         if name in self.links:
             raise InvalidArgumentError(f"adapter {name!r} already exists on this model")
+        _check_ranks(call.a["config"], self.model.max_r)
+        self._check_slots()
         self._added += 1
         base_name = f"{self.object_id}.{self._added}"
         call.a["adapter_name"] = base_name
         call.aliases[base_name] = name
         call.link = AdapterLink(name, base_name, new_run_id())
+
+    def _check_slots(self) -> None:
+        """Refuse a new adapter when the base model has no free slot, or when this user already
+        holds its share of them (on the worker: nothing adds an adapter in between)."""
+        model = self.model
+        if model.free_slots <= 0:
+            raise CapacityError(
+                f"all {model.max_loras} adapter slots are in use (max_loras={model.max_loras}, set by "
+                "twinkle-server serve --max-loras); try again when another model object is deleted"
+            )
+        held, most = self.book.adapters_of(self.user.id), self.book.settings.loras_per_user
+        if held >= most:
+            raise CapacityError(
+                f"you have {held} adapters on this server, the most one user may hold (max_loras_per_user="
+                f"{most}, set by twinkle-server serve --max-loras-per-user); remove an adapter or delete "
+                "a model object first"
+            )
 
     def _record_add(self, call: _Call, value: Any) -> None:
         link = call.link
@@ -228,6 +250,7 @@ class ModelHandle:
             self.model.remove_adapter(link.base_name)
             raise
         self.links[link.name] = link
+        self.book.adapter_added(self.user.id)
         self.book.hold(link.run_id, self.object_id)
         log.info("user %s: adapter %r of %s trains run %s", self.user.name, link.name, self.object_id, link.run_id)
 
@@ -344,6 +367,26 @@ class ModelHandle:
             )
         job = self.book.uploads.start(self.user.id, folder, label, a["hub_model_id"], a["hub_token"])
         return job.upload_id
+
+
+def _check_ranks(config: Any, max_r: int) -> None:
+    """Every rank a LoRA config asks for (``r`` and each ``rank_pattern`` entry) is an integer
+    from 1 to the server's ``max_r``: an adapter's memory grows with its ranks. (Other config
+    errors are the library's to report.)"""
+    if not hasattr(config, "r"):
+        return
+    pattern = getattr(config, "rank_pattern", None) or {}
+    if not isinstance(pattern, dict):
+        raise InvalidArgumentError(f"LoRA rank_pattern must map module names to ranks, got {type(pattern).__name__}")
+    for label, r in (("r", config.r), *((f"rank_pattern[{str(k)[:100]!r}]", v) for k, v in pattern.items())):
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise InvalidArgumentError(f"LoRA rank {label} must be an integer, got {str(r)[:100]}")
+        if r < 1:
+            raise InvalidArgumentError(f"LoRA rank {label} must be >= 1, got {r}")
+        if r > max_r:
+            raise InvalidArgumentError(
+                f"LoRA rank {label}={r} is above this server's max_r={max_r} (set by twinkle-server serve --max-r)"
+            )
 
 
 def _checkpoint_of(call: _Call) -> tuple[str, str, int]:

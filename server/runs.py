@@ -1,6 +1,7 @@
 """``RunBook``: what all model handles share: records, checkpoints, uploads and which runs are held.
 
 A run is *held* while a live model object trains it; another object may not resume it then.
+The book also counts each user's adapters on the base model (``max_loras_per_user``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,25 @@ class RunBook:
         self.uploads = uploads
         self.checkpoints = Checkpoints(store, settings)
         self._holders: dict[str, str] = {}  # run_id -> object id of the live model training it
+        self._adapters: dict[int, int] = {}  # user id -> adapters of the user's live models
         self._lock = threading.Lock()
+
+    def adapters_of(self, user_id: int) -> int:
+        """How many adapters ``user_id``'s live models have on the base model."""
+        with self._lock:
+            return self._adapters.get(user_id, 0)
+
+    def adapter_added(self, user_id: int) -> None:
+        with self._lock:
+            self._adapters[user_id] = self._adapters.get(user_id, 0) + 1
+
+    def adapter_removed(self, user_id: int) -> None:
+        with self._lock:
+            left = self._adapters.get(user_id, 0) - 1
+            if left > 0:
+                self._adapters[user_id] = left
+            else:
+                self._adapters.pop(user_id, None)
 
     def hold(self, run_id: str, object_id: str) -> None:
         with self._lock:
