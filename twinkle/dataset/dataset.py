@@ -5,13 +5,19 @@ until ``mix_dataset`` merges them, so a preprocessor can target one of them. Eve
 kept in memory: no cache file is written next to the user's data, and nothing is reused
 from an earlier run's cache.
 
-How an id becomes rows (files, folders, hubs) is ``loading``'s concern.
+How an id becomes rows (files, folders, hubs) is ``loading``'s concern; which of them a
+``data_slice`` keeps is decided here, by range arithmetic (a ``range`` or ``slice`` is never
+expanded into a list of positions, so ``range(0, 10**7)`` costs nothing to refuse).
+
+``num_proc`` is checked and passed on to ``datasets``, up to ``max_num_proc`` when that is
+set (a server sets 1: its transforms run in its data thread, never in forked processes).
 
 Methods that change the dataset return ``None``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from collections.abc import Callable
@@ -35,6 +41,10 @@ ENCODED_COLUMNS = ("input_ids", "labels", "length")
 class Dataset(DatasetAPI):
     """``DatasetAPI`` on Hugging Face ``datasets``: every added dataset is held in memory."""
 
+    max_num_proc: int | None = None
+    """The most processes ``map``/``filter``/``encode`` use; a larger ``num_proc`` is lowered to
+    it (None: as asked)."""
+
     def __init__(self, dataset_meta: DatasetMeta | str) -> None:
         self.datasets: dict[str, datasets.Dataset] = {}
         self.template: Template | None = None
@@ -49,7 +59,8 @@ class Dataset(DatasetAPI):
             raise StateError("the datasets were already mixed; add every dataset before mix_dataset()")
         if meta.key in self.datasets:
             raise InvalidArgumentError(f"dataset {meta.key!r} was already added")
-        self.datasets[meta.key] = load_dataset(meta)
+        whole = meta if meta.data_slice is None else dataclasses.replace(meta, data_slice=None)
+        self.datasets[meta.key] = _select_rows(load_dataset(whole), meta)
 
     def mix_dataset(self, interleave: bool = True) -> None:
         if self._mixed is not None:
@@ -98,7 +109,8 @@ class Dataset(DatasetAPI):
         for key in self._target_keys(dataset_meta):
             self._replace(
                 key,
-                self._get(key).map(func, batched=batched, num_proc=num_proc, desc="map", **_in_memory()),
+                self._get(key).map(func, batched=batched, num_proc=self._num_proc(num_proc), desc="map",
+                                   **_in_memory()),
             )
 
     def filter(
@@ -120,7 +132,9 @@ class Dataset(DatasetAPI):
                 f"filter needs a filter name or a callable, got {type(filter_func).__name__}"
             )
         for key in self._target_keys(dataset_meta):
-            self._replace(key, self._get(key).filter(func, num_proc=num_proc, desc="filter", **_in_memory()))
+            self._replace(
+                key, self._get(key).filter(func, num_proc=self._num_proc(num_proc), desc="filter", **_in_memory())
+            )
 
     def encode(
         self, batched: bool = True, add_generation_prompt: bool = False, *, num_proc: int | None = None
@@ -131,6 +145,7 @@ class Dataset(DatasetAPI):
             )
         import datasets
 
+        num_proc = self._num_proc(num_proc)
         template = self.template
         for key in self._target_keys(None):
             ds = self._get(key)
@@ -226,6 +241,16 @@ class Dataset(DatasetAPI):
             raise InvalidArgumentError(f"dataset {key!r} was not added; added: {', '.join(self.datasets)}")
         return [key]
 
+    def _num_proc(self, num_proc: Any) -> int | None:
+        """``num_proc`` checked, and lowered to ``max_num_proc`` (1 process: None, no pool)."""
+        if num_proc is None:
+            return None
+        if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+            raise InvalidArgumentError(f"num_proc must be None or an int >= 1, got {num_proc!r}")
+        if self.max_num_proc is not None:
+            num_proc = min(num_proc, self.max_num_proc)
+        return num_proc if num_proc > 1 else None
+
     def _get(self, key: str) -> datasets.Dataset:
         return self._mixed if self._mixed is not None else self.datasets[key]
 
@@ -257,6 +282,33 @@ def _as_meta(dataset_meta: DatasetMeta | str) -> DatasetMeta:
     raise InvalidArgumentError(
         f"expected a DatasetMeta or a dataset id string, got {type(dataset_meta).__name__}"
     )
+
+
+def _select_rows(ds: datasets.Dataset, meta: DatasetMeta) -> datasets.Dataset:
+    """The rows ``meta.data_slice`` keeps, checked against the rows there are without expanding
+    a ``range`` or ``slice``: its first and last positions bound all of them."""
+    s = meta.data_slice
+    if s is None:
+        return ds
+    n = len(ds)
+    rows: range | list[int]
+    if isinstance(s, slice):
+        rows = range(*s.indices(n))
+    elif isinstance(s, range):
+        rows = s
+        if len(s) and not (0 <= min(s[0], s[-1]) and max(s[0], s[-1]) < n):
+            bad = s[0] if not 0 <= s[0] < n else s[-1]
+            raise InvalidArgumentError(
+                f"data_slice of {meta.dataset_id!r} selects row {bad}, but it has {n} rows"
+            )
+    else:
+        rows = list(s)
+        bad = next((i for i in rows if not 0 <= i < n), None)
+        if bad is not None:
+            raise InvalidArgumentError(
+                f"data_slice of {meta.dataset_id!r} selects row {bad}, but it has {n} rows"
+            )
+    return ds.select(rows, keep_in_memory=True).flatten_indices(keep_in_memory=True)
 
 
 def _interleaved_order(sizes: list[int], seed: int) -> list[int]:
