@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from twinkle.protocol.limits import MAX_SEQ
 from twinkle.protocol.wire import (
     Checkpoint,
     CheckpointsListResponse,
@@ -25,27 +26,37 @@ from twinkle.protocol.wire import (
 )
 
 from . import __version__, views
+from .context import ServerContext
 from .deps import Ctx, CurrentUser
+from .model_handle import ModelHandle
 
 router = APIRouter()
 _ERRORS = {401: {"description": "missing or invalid API key"}, 404: {"description": "not found (or not yours)"}}
 
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
-def health() -> HealthResponse:
-    """Liveness; the only route that needs no key."""
+async def health() -> HealthResponse:
+    """Liveness; the only API route that needs no key. Answered on the event loop itself (no
+    thread pool), so it answers while every worker thread is busy."""
     return HealthResponse(version=__version__)
+
+
+def _slots_held(ctx: ServerContext, user_id: int) -> int:
+    """Adapter slots the user's live models hold."""
+    return sum(len(obj.instance.links) for obj in ctx.objects.of_user(user_id) if isinstance(obj.instance, ModelHandle))
 
 
 @router.get("/server", response_model=ServerInfo, tags=["server"], responses=_ERRORS)
 def server_info(user: CurrentUser, ctx: Ctx) -> ServerInfo:
+    """The served model and its limits; of the adapter slots, the caller's own and the free ones
+    (never what other users hold)."""
     model = ctx.model
     return ServerInfo(
         version=__version__,
         base_model=model.model_id,
         max_loras=model.max_loras,
         max_r=model.max_r,
-        used_slots=model.max_loras - model.free_slots,
+        used_slots=_slots_held(ctx, user.id),
         free_slots=model.free_slots,
         device=ctx.device,
         idle_timeout_s=ctx.settings.idle_timeout,
@@ -58,7 +69,7 @@ def list_training_runs(
     user: CurrentUser,
     ctx: Ctx,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
 ) -> TrainingRunsResponse:
     """The caller's runs, most recent activity first."""
     runs, total = ctx.store.list_runs(user.id, limit, offset)
@@ -102,7 +113,7 @@ def get_metrics(
     run_id: str,
     user: CurrentUser,
     ctx: Ctx,
-    since_step: Annotated[int, Query(ge=0)] = 0,
+    since_step: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
 ) -> MetricsResponse:
     """Points of steps after ``since_step``, oldest first, superseded ones included (flagged)."""
     ctx.store.get_run(user.id, run_id)
