@@ -5,9 +5,7 @@ until ``mix_dataset`` merges them, so a preprocessor can target one of them. Eve
 kept in memory: no cache file is written next to the user's data, and nothing is reused
 from an earlier run's cache.
 
-How an id becomes rows (files, folders, hubs) is ``loading``'s concern; which of them a
-``data_slice`` keeps is decided here, by range arithmetic (a ``range`` or ``slice`` is never
-expanded into a list of positions, so ``range(0, 10**7)`` costs nothing to refuse).
+How an id becomes rows (files, folders, hubs) is ``loading``'s concern.
 
 ``num_proc`` is checked and passed on to ``datasets``, up to ``max_num_proc`` when that is
 set (a server sets 1: its transforms run in its data thread, never in forked processes).
@@ -17,7 +15,6 @@ Methods that change the dataset return ``None``.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import uuid
 from collections.abc import Callable
@@ -59,8 +56,7 @@ class Dataset(DatasetAPI):
             raise StateError("the datasets were already mixed; add every dataset before mix_dataset()")
         if meta.key in self.datasets:
             raise InvalidArgumentError(f"dataset {meta.key!r} was already added")
-        whole = meta if meta.data_slice is None else dataclasses.replace(meta, data_slice=None)
-        self.datasets[meta.key] = _select_rows(load_dataset(whole), meta)
+        self.datasets[meta.key] = load_dataset(meta)
 
     def mix_dataset(self, interleave: bool = True) -> None:
         if self._mixed is not None:
@@ -282,33 +278,6 @@ def _as_meta(dataset_meta: DatasetMeta | str) -> DatasetMeta:
     raise InvalidArgumentError(
         f"expected a DatasetMeta or a dataset id string, got {type(dataset_meta).__name__}"
     )
-
-
-def _select_rows(ds: datasets.Dataset, meta: DatasetMeta) -> datasets.Dataset:
-    """The rows ``meta.data_slice`` keeps, checked against the rows there are without expanding
-    a ``range`` or ``slice``: its first and last positions bound all of them."""
-    s = meta.data_slice
-    if s is None:
-        return ds
-    n = len(ds)
-    rows: range | list[int]
-    if isinstance(s, slice):
-        rows = range(*s.indices(n))
-    elif isinstance(s, range):
-        rows = s
-        if len(s) and not (0 <= min(s[0], s[-1]) and max(s[0], s[-1]) < n):
-            bad = s[0] if not 0 <= s[0] < n else s[-1]
-            raise InvalidArgumentError(
-                f"data_slice of {meta.dataset_id!r} selects row {bad}, but it has {n} rows"
-            )
-    else:
-        rows = list(s)
-        bad = next((i for i in rows if not 0 <= i < n), None)
-        if bad is not None:
-            raise InvalidArgumentError(
-                f"data_slice of {meta.dataset_id!r} selects row {bad}, but it has {n} rows"
-            )
-    return ds.select(rows, keep_in_memory=True).flatten_indices(keep_in_memory=True)
 
 
 def _interleaved_order(sizes: list[int], seed: int) -> list[int]:
