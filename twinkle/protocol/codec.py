@@ -56,7 +56,7 @@ def _lora_from_dict(data: dict[str, Any]) -> Any:
 
     try:
         return LoraConfig(**data)
-    except Exception as exc:  # not only TypeError/ValueError: peft raises ImportError for loftq
+    except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"bad LoraConfig: {exc}") from None
 
 
