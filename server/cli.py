@@ -2,6 +2,9 @@
 
     twinkle-server serve [--model ID] [--host H] [--port P] [--data-dir DIR] [--max-loras N]
                          [--max-r R] [--idle-timeout S] [--allow-local-data]
+                         [--max-loras-per-user N] [--max-objects-per-user N]
+                         [--data-threads N] [--data-threads-per-user N]
+                         [--max-tokens-per-call N] [--max-uploads N] [--max-uploads-per-user N]
     twinkle-server users add NAME      # prints the new key as the last line, once
     twinkle-server users list
     twinkle-server users revoke NAME
@@ -99,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let clients name files of this machine as datasets and templates")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    limits = serve.add_argument_group("fair shares (one user never takes the whole server)")
+    d = Settings.__dataclass_fields__
+    limits.add_argument("--max-loras-per-user", type=_positive_int, metavar="N", default=None,
+                        help="adapter slots one user may hold (default: half of --max-loras, at least 1)")
+    limits.add_argument("--max-objects-per-user", type=_positive_int, metavar="N", default=d["max_objects_per_user"].default,
+                        help="live remote objects one user may hold (default %(default)s)")
+    limits.add_argument("--data-threads", type=_positive_int, metavar="N", default=d["data_threads"].default,
+                        help="threads for dataset and dataloader work (default %(default)s)")
+    limits.add_argument("--data-threads-per-user", type=_positive_int, metavar="N", default=d["data_threads_per_user"].default,
+                        help="data threads one user may occupy at once (default %(default)s)")
+    limits.add_argument("--max-tokens-per-call", type=_positive_int, metavar="N", default=d["max_tokens_per_call"].default,
+                        help="padded tokens (rows x longest row) one forward_backward/forward_only may carry "
+                             "(default %(default)s)")
+    limits.add_argument("--max-uploads", type=_positive_int, metavar="N", default=d["max_uploads"].default,
+                        help="hub uploads running at once; later ones wait (default %(default)s)")
+    limits.add_argument("--max-uploads-per-user", type=_positive_int, metavar="N", default=d["max_uploads_per_user"].default,
+                        help="hub uploads one user may have queued or running (default %(default)s)")
 
     users = sub.add_parser("users", help="manage users and their API keys")
     users_sub = users.add_subparsers(dest="users_command", required=True)
@@ -175,8 +195,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_shares(args: argparse.Namespace) -> None:
+    """A per-user share may not exceed the whole it is a share of."""
+    for part, whole in (("max_loras_per_user", "max_loras"), ("data_threads_per_user", "data_threads"),
+                        ("max_uploads_per_user", "max_uploads")):
+        value, total = getattr(args, part), getattr(args, whole)
+        if value is not None and value > total:
+            flag, total_flag = (f"--{n.replace('_', '-')}" for n in (part, whole))
+            raise CliError(f"{flag} {value} is more than {total_flag} {total}")
+
+
 def serve(args: argparse.Namespace) -> None:
     _quiet_libraries()
+    _check_shares(args)
     settings = Settings(
         model=args.model,
         host=args.host,
@@ -188,6 +219,13 @@ def serve(args: argparse.Namespace) -> None:
         allow_local_data=args.allow_local_data,
         device=args.device,
         dtype=args.dtype,
+        max_loras_per_user=args.max_loras_per_user,
+        max_objects_per_user=args.max_objects_per_user,
+        data_threads=args.data_threads,
+        data_threads_per_user=args.data_threads_per_user,
+        max_tokens_per_call=args.max_tokens_per_call,
+        max_uploads=args.max_uploads,
+        max_uploads_per_user=args.max_uploads_per_user,
     )
     # Bind first: a taken port fails in a second, not after the model has loaded.
     sock = _bind(settings.host, settings.port)
@@ -264,6 +302,10 @@ def _build_context(settings: Settings) -> Any:
     dtype = str(model.dtype).removeprefix("torch.")
     log.info("serving %s on %s (%s), %d adapter slots, max_r %d", model.model_id, model.device, dtype,
              model.max_loras, model.max_r)
+    log.info("per user: %d adapter slots, %d objects, %d of %d data threads, %d of %d uploads; "
+             "%d tokens per call", settings.loras_per_user, settings.max_objects_per_user,
+             settings.data_threads_per_user, settings.data_threads, settings.max_uploads_per_user,
+             settings.max_uploads, settings.max_tokens_per_call)
     return ServerContext(settings=settings, store=store, model=model, dtype=dtype)
 
 
