@@ -1,7 +1,7 @@
 """``twinkle-server``: run the server, manage its users.
 
     twinkle-server serve [--model ID] [--host H] [--port P] [--data-dir DIR] [--max-loras N]
-                         [--max-r R] [--idle-timeout S] [--allow-local-data]
+                         [--max-r R] [--idle-timeout S] [--header-timeout S] [--allow-local-data]
                          [--max-loras-per-user N] [--max-objects-per-user N]
                          [--data-threads N] [--data-threads-per-user N]
                          [--max-tokens-per-call N] [--max-uploads N] [--max-uploads-per-user N]
@@ -32,6 +32,8 @@ from .settings import DEFAULT_IDLE_TIMEOUT, DEFAULT_MODEL, Settings, default_dat
 
 log = logging.getLogger("twinkle_server")
 LISTENING = "twinkle-server listening on"
+DEFAULT_HEAD_TIMEOUT = 20.0
+"""Seconds a client has for a request's line and headers (``--header-timeout``; see http_protocol)."""
 
 
 class CliError(Exception):
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let clients name files of this machine as datasets and templates")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    serve.add_argument("--header-timeout", type=_seconds, default=DEFAULT_HEAD_TIMEOUT, metavar="S",
+                       help="seconds a client has to send a request's line and headers; slower or stalled "
+                            f"connections are closed (default {DEFAULT_HEAD_TIMEOUT:g})")
     limits = serve.add_argument_group("fair shares (one user never takes the whole server)")
     d = Settings.__dataclass_fields__
     limits.add_argument("--max-loras-per-user", type=_positive_int, metavar="N", default=None,
@@ -140,10 +145,33 @@ def _data_dir(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- users
 
 
+_PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Keep the data directory to the server's own account: files this process creates from now on
+    get no group or other permissions (umask 077: the database, run and checkpoint folders), the
+    directory is 0700 and the database files 0600, tightened if an earlier setup left them looser."""
+    os.umask(0o077)
+    data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    db = Settings(data_dir=data_dir).db_path
+    for path, mode in [(data_dir, _PRIVATE_DIR)] + [
+        (db.with_name(db.name + suffix), _PRIVATE_FILE) for suffix in ("", "-wal", "-shm", "-journal")
+    ]:
+        try:
+            current = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if current & 0o077:
+            path.chmod(mode)
+            log.warning("%s was open to other accounts (mode %o); it is %o now", path, current, mode)
+
+
 def _open_store(data_dir: Path) -> Any:
     from .store import Store
 
     try:
+        _private_data_dir(data_dir)
         return Store(Settings(data_dir=data_dir).db_path)
     except Exception as exc:
         raise CliError(f"cannot open the database in {data_dir}: {exc}") from None
@@ -233,6 +261,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .app import create_app
+    from .http_protocol import head_deadline_protocol
 
     app = create_app(ctx)
     host, port = sock.getsockname()[:2]
@@ -250,7 +279,9 @@ def serve(args: argparse.Namespace) -> None:
             await asyncio.to_thread(ctx.shutdown)
             log.info("stopped")
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    # uvicorn's own protocol has no deadline for receiving a request head; see http_protocol.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30,
+                            http=head_deadline_protocol(args.header_timeout))
     server = _Server(config)
     ctx.start()
     try:
@@ -260,7 +291,6 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def _build_context(settings: Settings) -> Any:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = _open_store(settings.data_dir)
     from .checkpoints import reconcile
 
