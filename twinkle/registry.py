@@ -68,6 +68,8 @@ class ComponentRegistry:
             label = getattr(name_or_obj, "__name__", repr(name_or_obj))
         else:
             raise InvalidArgumentError(f"{kind} must be a name or a class, got {type(name_or_obj).__name__}")
+        if kind == "optimizer":
+            _check_optimizer(factory, label)
         try:
             inspect.signature(factory).bind(*args, **kwargs)
         except TypeError as exc:
@@ -109,6 +111,26 @@ class ComponentRegistry:
                 self._entries["lr_scheduler"].setdefault(name, obj)
         # ReduceLROnPlateau needs a metric per step; not a fit for lr_step().
         self._entries["lr_scheduler"].pop("ReduceLROnPlateau", None)
+
+
+def _check_optimizer(factory: Any, label: str) -> None:
+    """Refuse, when it is set, an optimizer that ``step()`` could never run: one whose ``step``
+    needs a closure that re-evaluates the loss (LBFGS), or one for sparse gradients only (LoRA
+    weights get dense ones)."""
+    step = getattr(factory, "step", None)
+    try:
+        closure = inspect.signature(step).parameters.get("closure") if step is not None else None
+    except (TypeError, ValueError):
+        closure = None
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise InvalidArgumentError(
+            f"optimizer {label!r} needs a closure that re-evaluates the loss in step(), which step() cannot "
+            "pass; use another optimizer (e.g. AdamW)"
+        )
+    if getattr(factory, "__name__", "") == "SparseAdam":
+        raise InvalidArgumentError(
+            f"optimizer {label!r} takes only sparse gradients and LoRA weights get dense ones; use Adam or AdamW"
+        )
 
 
 REGISTRY = ComponentRegistry()
