@@ -38,15 +38,24 @@ _NOT_CONFIGURED = (
 
 class TwinkleDashboardApp(ExtensionApp):
     """Adds ``/twinkle`` to a Jupyter server. Settings: ``c.TwinkleDashboardApp.server_url``
-    and ``api_key``, else ``TWINKLE_SERVER_URL`` / ``TWINKLE_SERVER_TOKEN`` of the Jupyter
-    server's environment. The key is used by the Jupyter server only; pages and JSON answers
-    never contain it."""
+    and ``api_key_file`` (a file holding the key), else ``TWINKLE_SERVER_URL`` /
+    ``TWINKLE_SERVER_TOKEN`` of the Jupyter server's environment. The key is used by the
+    Jupyter server only; pages, JSON answers and logs never contain it.
+
+    The key itself is deliberately not a config value: traitlets logs every loaded config value
+    at ``--debug`` ("Config changed: ..."), so a key in ``jupyter_server_config.py`` would land
+    in the Jupyter server's log. A ``c.TwinkleDashboardApp.api_key`` found in the config is
+    therefore not used, and a warning says what to do instead."""
 
     name = "twinkle_jupyter"
     load_other_extensions = True
 
     server_url = Unicode("", help="URL of the twinkle server (default: $TWINKLE_SERVER_URL).").tag(config=True)
-    api_key = Unicode("", help="API key for the twinkle server (default: $TWINKLE_SERVER_TOKEN).").tag(config=True)
+    api_key_file = Unicode(
+        "", help="A file holding the API key for the twinkle server (default: the key in $TWINKLE_SERVER_TOKEN). "
+        "The key itself is not a setting: config values appear in the Jupyter server's debug log."
+    ).tag(config=True)
+    api_key = Unicode("", help="The API key, set from code only (never from a config file).")
     timeout = Float(30.0, help="Seconds to wait for the twinkle server.").tag(config=True)
 
     _client: Any = None
@@ -54,6 +63,12 @@ class TwinkleDashboardApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.settings["twinkle_dashboard"] = self
+        if "api_key" in self.config.get(type(self).__name__, {}):
+            self.log.warning(
+                "twinkle dashboard: c.%s.api_key is not used (config values can reach the Jupyter server's "
+                "log); put the key in a file named by c.%s.api_key_file, or in TWINKLE_SERVER_TOKEN",
+                type(self).__name__, type(self).__name__,
+            )
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(
@@ -68,8 +83,21 @@ class TwinkleDashboardApp(ExtensionApp):
     def settings_in_use(self) -> tuple[str, str | None]:
         """``(url, key)``: the configured ones, else the Jupyter server's environment."""
         url = self.server_url or os.environ.get("TWINKLE_SERVER_URL") or ""
-        key = self.api_key or os.environ.get("TWINKLE_SERVER_TOKEN") or None
+        key = self.api_key or self._key_from_file() or os.environ.get("TWINKLE_SERVER_TOKEN") or None
         return url.strip(), key
+
+    def _key_from_file(self) -> str | None:
+        if not self.api_key_file:
+            return None
+        try:
+            with open(os.path.expanduser(self.api_key_file), encoding="utf-8") as f:
+                return f.read().strip() or None
+        except (OSError, UnicodeDecodeError) as err:
+            from twinkle.errors import StateError
+
+            raise StateError(
+                f"cannot read the twinkle API key from c.{type(self).__name__}.api_key_file: {type(err).__name__}"
+            ) from None
 
     def client(self) -> Any:
         """One ``TwinkleClient`` for every request (httpx pools its connections), made on first use.
@@ -94,7 +122,12 @@ class TwinkleDashboardApp(ExtensionApp):
 
     def scrub(self, text: str) -> str:
         """``text`` without the key or the twinkle server's URL (error messages go to the browser)."""
-        url, key = self.settings_in_use()
+        from twinkle.errors import TwinkleError
+
+        try:
+            url, key = self.settings_in_use()
+        except TwinkleError:  # an unreadable key file: there is no key to find in the text
+            url, key = (self.server_url or os.environ.get("TWINKLE_SERVER_URL") or "").strip(), None
         if key:
             text = text.replace(key, "***")
         client = self._client
