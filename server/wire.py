@@ -83,17 +83,19 @@ async def read_body(request: Request, then: Callable[[Any], T] | None = None) ->
     content_type = _media_type(request.headers.get("content-type"))
     if content_type and content_type != JSON and content_type not in _MSGPACK_TYPES:
         raise InvalidArgumentError(f"Content-Type must be {MSGPACK} or {JSON}, got {content_type[:100]}")
-    raw = await _read_capped(request)
+    held = [await _read_capped(request)]
     encoding = request.headers.get("content-encoding")
 
     def decode() -> Any:
-        data = decode_body(_inflate(raw, encoding), is_json=content_type == JSON)
+        body = _inflate(held.pop(), encoding)  # the compressed bytes are let go here...
+        data = decode_body(body, is_json=content_type == JSON)
+        del body  # ... and the body's once it is decoded
         return then(data) if then is not None else data
 
     return await asyncio.wrap_future(_decode_pool().submit(decode))
 
 
-def decode_body(body: bytes, *, is_json: bool, bounds: codec.Bounds = REQUEST_BOUNDS) -> Any:
+def decode_body(body: bytes | bytearray, *, is_json: bool, bounds: codec.Bounds = REQUEST_BOUNDS) -> Any:
     """Parse a request body within ``bounds`` (CPU-bound: call it off the event loop)."""
     if not is_json:
         if not body:
@@ -118,23 +120,22 @@ def decode_body(body: bytes, *, is_json: bool, bounds: codec.Bounds = REQUEST_BO
     return data
 
 
-async def _read_capped(request: Request) -> bytes:
-    """The raw body, refused (413) as soon as it is known to exceed ``MAX_BODY_BYTES``."""
+async def _read_capped(request: Request) -> bytearray:
+    """The raw body, refused (413) as soon as it is known to exceed ``MAX_BODY_BYTES``. One
+    growing buffer, so that the body is never held twice (as chunks and joined)."""
     limit = MAX_BODY_BYTES
     declared = request.headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > limit:
         raise _too_large("is")
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise _too_large("is")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
-def _inflate(body: bytes, encoding: str | None) -> bytes:
+def _inflate(body: bytes | bytearray, encoding: str | None) -> bytes | bytearray:
     """Undo ``Content-Encoding: gzip`` (the client compresses large batches)."""
     encoding = (encoding or "").strip().lower()
     if encoding in ("", "identity"):

@@ -340,7 +340,7 @@ def unpack(body: bytes) -> Any:
         raise InvalidArgumentError(f"request body is not valid msgpack: {exc}") from None
 
 
-def unpack_request(body: bytes, bounds: Bounds = Bounds()) -> Any:
+def unpack_request(body: bytes | bytearray, bounds: Bounds = Bounds()) -> Any:
     """Parse a request body that nobody vouches for: like ``unpack``, but no list or map may
     exceed ``bounds.values`` items, the values together may not either (counted while parsing),
     and the result passes ``check_wire``. CPU-bound: servers call it off their event loop."""
