@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import time
 import uuid
 
@@ -200,18 +201,23 @@ def test_call_batches_and_bodies_are_capped(user) -> None:
 
 def test_unexpected_failure_is_internal_without_traceback(user, server, raw_helpers) -> None:
     c, _ = user
-    model = raw_helpers.raw_model(c, adapter="lbfgs")
-    batch = {"input_ids": np.ones((1, 6), dtype=np.int64), "labels": np.ones((1, 6), dtype=np.int64)}
-    # LBFGS needs a closure in step(); the library does not check for it, so torch raises a TypeError.
-    r = c.calls(model, [("set_optimizer", ["LBFGS"], {}), ("forward_backward", [batch], {}), ("step", [], {})])
+    model = raw_helpers.raw_model(c, adapter="broken")
+    r = c.calls(model, [("save", ["first"], {})])
+    (saved,) = c.body(r)["results"]
+    assert saved["ok"], saved
+    # A fault of the server's own: a file stands where the run's checkpoint folder must be.
+    weights = server.data_dir / "runs" / saved["training_run_id"] / "weights"
+    shutil.rmtree(weights)
+    weights.write_text("not a folder")
+    r = c.calls(model, [("save", ["second"], {})])
     results = c.body(r)["results"]
-    assert r.status_code == 200 and [x["ok"] for x in results] == [True, True, False]
-    err = results[2]["error"]
+    assert r.status_code == 200 and [x["ok"] for x in results] == [False]
+    err = results[0]["error"]
     assert err == {"code": "internal", "message": "internal server error",
-                   "request_id": r.headers["x-request-id"], "call": "step"}
+                   "request_id": r.headers["x-request-id"], "call": "save"}
     wait_until(lambda: err["request_id"] in server.log(), 30, "the failed request was not logged")
     log = server.log()
-    assert "Traceback" in log and "closure" in log
+    assert "Traceback" in log and "FileExistsError" in log
     c.delete(f"/objects/{model}")
 
 
