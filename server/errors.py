@@ -27,11 +27,24 @@ INTERNAL_MESSAGE = "internal server error"
 HIDDEN_PATH = "<server path>"
 
 
+def _hub_caches() -> list[str]:
+    """Where the hub libraries keep their files (they may lie outside home, tmp and cwd)."""
+    found = [os.environ[name] for name in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "MODELSCOPE_CACHE")
+             if os.environ.get(name)]
+    try:
+        from huggingface_hub import constants
+
+        found += [constants.HF_HOME, constants.HF_HUB_CACHE]
+    except ImportError:
+        pass
+    return found
+
+
 class ErrorScrubber:
     """Turns exceptions into ``ErrorInfo`` without revealing the server's files."""
 
     def __init__(self, hidden_roots: Iterable[str | os.PathLike[str]] = ()) -> None:
-        roots = {str(Path(r).resolve()) for r in hidden_roots}
+        roots = {str(Path(r).resolve()) for r in [*hidden_roots, *_hub_caches()]}
         roots |= {os.getcwd(), str(Path.home()), tempfile.gettempdir(), sys.prefix}
         roots = sorted((r for r in roots if r not in ("/", "")), key=len, reverse=True)
         # A path under a root, up to the next character that cannot be part of a plain path.

@@ -49,7 +49,9 @@ def test_seed_example_runs_remotely_and_matches_local(server, add_user, tmp_path
 
     key = add_user(server.data_dir, "seed-user")
     env = {**os.environ, "TWINKLE_SERVER_URL": server.url, "MODELSCOPE_TOKEN": key}
-    env.pop("TWINKLE_SERVER_TOKEN", None)
+    # Only the test's credentials: a developer's own hub tokens must not travel to this server.
+    for name in ("TWINKLE_SERVER_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN"):
+        env.pop(name, None)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(SEED)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
