@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -284,6 +285,10 @@ def serve(args: argparse.Namespace) -> None:
                             http=head_deadline_protocol(args.header_timeout))
     server = _Server(config)
     ctx.start()
+    # What is loaded by now (torch, the model, the libraries) lives as long as the process: keep it
+    # out of the collector's full passes, which would otherwise walk all of it with the GIL held
+    # whenever a request creates many objects (a large body being decoded), stalling every request.
+    gc.freeze()
     try:
         server.run(sockets=[sock])
     finally:
