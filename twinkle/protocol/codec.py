@@ -34,7 +34,8 @@ _ARRAY_KEYS = frozenset({_ND, "shape", "data", "list"})
 _ARRAY_KINDS = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8)}
 """dtype kind -> item sizes a packed array may have: booleans, integers, floats. Nothing else
 (objects, complex, datetimes, strings, void) is ever sent."""
-_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_WIRE_TYPES = frozenset({type(None), bool, int, float, str, bytes, list, dict})
+_STR = frozenset({str})
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries
 
 
@@ -256,17 +257,32 @@ def check_wire(data: Any, bounds: Bounds = Bounds()) -> None:
     """Check a decoded request body against ``bounds`` and the wire's types: plain data (None,
     booleans, 64-bit integers, floats, strings, bytes, lists, maps with string keys) and
     well-formed packed arrays. Raises ``InvalidArgumentError`` (``PayloadTooLargeError`` for
-    the counts). Iterative, so any nesting is reported rather than overflowing the stack."""
-    if type(data) is not dict and type(data) is not list:
-        _check_scalar(type(data), data)
-        return
+    the counts). Iterative, so any nesting is reported rather than overflowing the stack; each
+    container's items are checked by their set of types (C speed), so that a million plain
+    values cost milliseconds, not a second of the interpreter."""
     values = elements = 0
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
+    stack: list[tuple[Any, int]] = []
+    push, pop = stack.append, stack.pop
+    items: Any = [data]
+    depth = 0
+    while True:
+        kinds = set(map(type, items))
+        if not kinds <= _WIRE_TYPES:
+            odd = next(iter(kinds - _WIRE_TYPES))
+            raise InvalidArgumentError(f"request body holds a value of unsupported type {odd.__name__}")
+        if int in kinds:
+            ints = items if len(kinds) == 1 else [item for item in items if type(item) is int]
+            if not (_INT_MIN <= min(ints) and max(ints) <= _INT_MAX):
+                raise InvalidArgumentError("request body holds an integer beyond 64 bits")
+        if dict in kinds or list in kinds:
+            for item in items:
+                if type(item) is dict or type(item) is list:
+                    push((item, depth + 1))
+        if not stack:
+            return
+        value, depth = pop()
         if depth > bounds.depth:
             raise InvalidArgumentError(f"request body nests lists and maps more than {bounds.depth} deep")
-        items: Any
         if type(value) is dict:
             values += 2 * len(value)  # as ``_Counter`` counts
             if _ND in value:
@@ -276,29 +292,16 @@ def check_wire(data: Any, bounds: Bounds = Bounds()) -> None:
                         f"request body holds more than {bounds.elements} packed array elements; "
                         "send the data in smaller requests"
                     )
+                items = ()
                 continue
-            for key in value:
-                if type(key) is not str:
-                    raise InvalidArgumentError("map keys in a request body must be strings")
+            if not set(map(type, value)) <= _STR:
+                raise InvalidArgumentError("map keys in a request body must be strings")
             items = value.values()
         else:
             values += len(value)
             items = value
         if values > bounds.values:
             raise _too_many_values(bounds)
-        for item in items:
-            kind = type(item)
-            if kind is dict or kind is list:
-                stack.append((item, depth + 1))
-            else:
-                _check_scalar(kind, item)
-
-
-def _check_scalar(kind: type, value: Any) -> None:
-    if kind not in _SCALARS:
-        raise InvalidArgumentError(f"request body holds a value of unsupported type {kind.__name__}")
-    if kind is int and not _INT_MIN <= value <= _INT_MAX:
-        raise InvalidArgumentError("request body holds an integer beyond 64 bits")
 
 
 class _Counter:
