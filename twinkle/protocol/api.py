@@ -226,7 +226,7 @@ class Declaration:
             raise TypeError(f"{cls.__qualname__} does not implement {api.name} as declared: {'; '.join(problems)}")
 
 
-def _finish(cls: type, kind: str) -> type:
+def _finish(cls: type, kind: str, public_name: str) -> type:
     methods = {}
     for klass in reversed(cls.__mro__):
         for name, member in vars(klass).items():
@@ -234,7 +234,7 @@ def _finish(cls: type, kind: str) -> type:
             if spec is not None:
                 methods[name] = spec
     cls.__twinkle_api__ = ApiClass(  # type: ignore[attr-defined]
-        name=cls.__name__.removesuffix("API"),
+        name=public_name,
         kind=kind,
         init=inspect.signature(cls.__init__),
         doc=inspect.cleandoc(cls.__doc__ or ""),
@@ -544,9 +544,9 @@ class DataLoaderAPI(Declaration):
         fetched in chunks (see ``START_EPOCH`` and ``NEXT_BATCHES``)."""
 
 
-_finish(ModelAPI, "model")
-_finish(DatasetAPI, "dataset")
-_finish(DataLoaderAPI, "dataloader")
+_finish(ModelAPI, "model", "MultiLoraTransformersModel")
+_finish(DatasetAPI, "dataset", "Dataset")
+_finish(DataLoaderAPI, "dataloader", "DataLoader")
 
 MODEL: ApiClass = ModelAPI.__twinkle_api__  # type: ignore[attr-defined]
 DATASET: ApiClass = DatasetAPI.__twinkle_api__  # type: ignore[attr-defined]
