@@ -34,7 +34,7 @@ from twinkle.protocol.api import (
     Arg,
     Method,
 )
-from twinkle.protocol.limits import MAX_BATCHES_PER_CALL
+from twinkle.protocol.limits import MAX_BATCHES_PER_CALL, MAX_BODY_BYTES
 from twinkle.protocol.names import REMOTE_SCHEMES, is_hub_repo
 
 from .policy import check_dataset_id, check_remote_id
@@ -157,9 +157,11 @@ def _same_setting(name: str, value: Any, model: MultiLoraTransformersModel, serv
 # ------------------------------------------------------------------------------- sizes
 
 
-def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, Any], settings: Settings) -> None:
+def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, Any], settings: Settings,
+                    vocab_size: int) -> None:
     """Refuse a model call whose ``inputs`` hold more than ``max_tokens_per_call`` padded tokens
-    (rows x longest row, what the device computes on), before it is queued for the worker.
+    (rows x longest row, what the device computes on), or whose reply would carry more logits
+    than one message may (``return_logits``: tokens x vocabulary), before it is queued.
 
     Reads the arguments as they travelled (packed arrays carry their shape), so nothing is
     decoded for a call that is refused; forms it does not recognise count as nothing (the
@@ -181,6 +183,12 @@ def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, A
             f"{method}: the inputs hold {tokens} tokens ({rows} rows x {length}, padded), more than one "
             f"call may carry (max_tokens_per_call={most}, set by twinkle-server serve --max-tokens-per-call); "
             "send fewer or shorter rows per call"
+        )
+    if a.get("return_logits") is True and tokens * vocab_size * 4 > MAX_BODY_BYTES:
+        raise CapacityError(
+            f"{method}: the logits of {tokens} tokens over a vocabulary of {vocab_size} would be "
+            f"{tokens * vocab_size * 4 >> 20} MiB, more than one reply may carry ({MAX_BODY_BYTES >> 20} MiB); "
+            "send fewer rows per call with return_logits=True"
         )
 
 

@@ -259,7 +259,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
     try:
         check_method(obj.kind, method)
-        check_call_size(obj.kind, method, call.args, call.kwargs, ctx.settings)  # before it is queued
+        check_call_size(obj.kind, method, call.args, call.kwargs, ctx.settings, ctx.model.vocab_size)  # before it is queued
         value, run_id = await ctx.run(obj.kind, user.id, work, hub)
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))

@@ -124,6 +124,9 @@ def test_concurrent_creations_never_exceed_the_object_cap() -> None:
 # ------------------------------------------------------------------ tokens per call
 
 
+VOCAB = 1000
+
+
 def _settings(tmp_path: Path, **kwargs):
     from twinkle_server.settings import Settings
 
@@ -138,7 +141,7 @@ def test_tokens_are_counted_as_sent_and_capped(tmp_path: Path) -> None:
     def check(inputs, method="forward_only", as_kwarg=True) -> None:
         wire = codec.to_wire(inputs)
         args, kwargs = ([], {"inputs": wire}) if as_kwarg else ([wire], {})
-        check_call_size("model", method, args, kwargs, settings)
+        check_call_size("model", method, args, kwargs, settings, VOCAB)
 
     samples = [{"input_ids": list(range(100)), "labels": list(range(100))} for _ in range(10)]
     check(samples)  # 10 x 100: exactly the cap
@@ -155,8 +158,27 @@ def test_tokens_are_counted_as_sent_and_capped(tmp_path: Path) -> None:
         check({"input_ids": [[1] * 1001, [2, 3]], "labels": [[1] * 1001, [2, 3]]})  # nested lists
     check({"input_ids": np.ones((2, 500), dtype=np.int64)})
     check("not inputs at all")  # left to the model's input processor
-    check_call_size("model", "set_optimizer", ["AdamW"], {"lr": 1e-4}, settings)  # no inputs
-    check_call_size("dataset", "map", [samples * 100], {}, settings)  # data objects: not model calls
+    check_call_size("model", "set_optimizer", ["AdamW"], {"lr": 1e-4}, settings, VOCAB)  # no inputs
+    check_call_size("dataset", "map", [samples * 100], {}, settings, VOCAB)  # data objects: not model calls
+
+
+def test_logits_that_would_not_fit_in_a_reply_are_refused_before_the_call(tmp_path: Path) -> None:
+    from twinkle_server.kinds import check_call_size
+
+    from twinkle.protocol.limits import MAX_BODY_BYTES
+
+    settings = _settings(tmp_path, max_tokens_per_call=10**6)
+    vocab = 150_000
+    fits = MAX_BODY_BYTES // (4 * vocab)  # tokens whose float32 logits fit in one reply
+    inputs = {"input_ids": np.ones((1, fits), dtype=np.int64)}
+    check_call_size("model", "forward_only", [], {"inputs": codec.to_wire(inputs), "return_logits": True},
+                    settings, vocab)
+    inputs = {"input_ids": np.ones((1, fits + 1), dtype=np.int64)}
+    with pytest.raises(CapacityError, match="more than one reply may carry"):
+        check_call_size("model", "forward_only", [], {"inputs": codec.to_wire(inputs), "return_logits": True},
+                        settings, vocab)
+    # Without logits the same call is only a token count.
+    check_call_size("model", "forward_only", [], {"inputs": codec.to_wire(inputs)}, settings, vocab)
 
 
 # ------------------------------------------------------------------ num_proc
