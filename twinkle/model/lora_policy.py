@@ -302,8 +302,8 @@ def _check_field(name: str, value: Any, default: Any, limits: PolicyLimits) -> N
     rule = LORA_FIELD_RULES.get(name)
     if rule is None:
         raise InvalidArgumentError(
-            f"LoRA config field {name} (new in this peft) is not classified by this server's LoRA policy, "
-            "so no LoRA config is accepted until it is"
+            f"LoRA config field {name} is not classified by this server's LoRA policy (a newer peft?); "
+            "LoRA configs are refused until it is"
         )
     if rule.check is not None:
         rule.check(name, value, limits)
@@ -337,8 +337,8 @@ def check_lora_config(config: Any, limits: PolicyLimits) -> LoraConfig:
             raise InvalidArgumentError(f"bad LoRA config: {first_line(exc)}") from None
     if not isinstance(config, LoraConfig):
         raise InvalidArgumentError(f"config must be a peft.LoraConfig or a dict, got {type(config).__name__}")
-    own = {f.name for f in fields(config)}
-    extra = sorted(own - set(LORA_FIELD_RULES))
+    own = [f.name for f in fields(config)]  # in peft's order: the first refused field is named
+    extra = [name for name in own if name not in LORA_FIELD_RULES]
     if extra:  # a subclass's field or a newer peft's: unknown, so refused
         _check_field(extra[0], None, None, limits)
     if getattr(config, "_custom_modules", None):

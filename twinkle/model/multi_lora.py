@@ -206,8 +206,9 @@ class MultiLoraTransformersModel(ModelAPI):
 
     def _params(self, state: AdapterState) -> list[torch.nn.Parameter]:
         assert self._peft is not None
-        marker = f".{state.peft_name}."
-        return [p for n, p in self._peft.named_parameters() if marker in n]
+        # ".slot0." in a Linear layer's names, a trailing ".slot0" in an Embedding layer's
+        # (lora_embedding_A is a ParameterDict).
+        return [p for n, p in self._peft.named_parameters() if state.peft_name in n.split(".")]
 
     # -------------------------------------------------------------- components
 
