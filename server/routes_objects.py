@@ -11,7 +11,6 @@ answered from the record of another call.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from typing import Any
 
@@ -74,7 +73,7 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
 def _parse_create(data: Any, with_fingerprint: bool) -> tuple[CreateObjectRequest, str | None]:
     """The validated creation request and, for an Idempotency-Key, its fingerprint (decoding thread)."""
     req = _validate(CreateObjectRequest, data)
-    return req, hashlib.sha256(codec.pack(data)).hexdigest() if with_fingerprint else None
+    return req, codec.digest(data) if with_fingerprint else None
 
 
 def _parse_batch(data: Any) -> tuple[CallBatch, list[tuple[str, str]]]:

@@ -368,7 +368,10 @@ def unpack_request(body: bytes | bytearray, bounds: Bounds = Bounds()) -> Any:
 
 
 def digest(data: Any) -> str:
-    """A stable digest of already wire-ready ``data`` (its msgpack bytes): equal data, equal digest."""
+    """The SHA-256 of ``pack(data)`` (already wire-ready data): equal data, equal digest. Hashed
+    from the packer's own buffer, so the packed bytes are never copied once more."""
     import hashlib
 
-    return hashlib.sha256(pack(data)).hexdigest()
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack(data)
+    return hashlib.sha256(packer.getbuffer()).hexdigest()
