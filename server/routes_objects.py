@@ -11,6 +11,7 @@ answered from the record of another call.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from twinkle.errors import ConflictError, InvalidArgumentError, NotFoundError, ServerError, TwinkleError
 from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
+from twinkle.protocol.api import API_BY_KIND, NEXT_BATCHES, START_EPOCH
 from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
 from twinkle.protocol.wire import (
     Call,
@@ -91,6 +93,41 @@ def _parse_batch(data: Any) -> tuple[CallBatch, list[tuple[str, str]]]:
     return batch, [(c.method, codec.digest([c.method, c.args, c.kwargs])) for c in batch.calls]
 
 
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "int": (int,), "dict": (dict,)}
+
+
+def _check_plain_types(label: str, signature: inspect.Signature, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse an argument whose declared type is a plain ``bool``, ``int`` or ``dict`` (maybe
+    ``| None``) when the value sent is something else (a list, an array, a string...): passed
+    on, it would fail deep inside the library or the run records as if the server were at fault."""
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return  # the call's own binding reports it
+    for name, value in list(bound.arguments.items())[1:]:
+        annotation = signature.parameters[name].annotation
+        if not isinstance(annotation, str):
+            continue
+        parts = [part.strip() for part in annotation.split("|")]
+        if value is None and "None" in parts:
+            continue
+        kinds = [_PLAIN_TYPES.get(part.split("[", 1)[0]) for part in parts if part != "None"]
+        if len(kinds) != 1 or kinds[0] is None:
+            continue
+        allowed = kinds[0]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise InvalidArgumentError(
+                f"{label}: {name} must be {annotation.replace('dict[str, Any]', 'a dict')}, "
+                f"got {type(value).__name__}"
+            )
+
+
+def _check_call_types(kind: str, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    if kind == "dataloader" and method in (START_EPOCH, NEXT_BATCHES):
+        return
+    _check_plain_types(f"{method}()", API_BY_KIND[kind].method(method).signature, args, kwargs)
+
+
 def _pending(request: Request) -> dict[tuple[int, str], tuple[str, asyncio.Future[ObjectInfo]]]:
     """Creations in progress under an Idempotency-Key: (user id, key) -> (body fingerprint, outcome)."""
     state = request.app.state
@@ -153,6 +190,8 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
     def build() -> Any:
         args = codec.from_wire(req.args, resolve)
         kwargs = codec.from_wire(req.kwargs, resolve)
+        api = API_BY_KIND[req.kind]
+        _check_plain_types(f"{api.name}()", api.init, args, kwargs)
         if req.kind == "model":
             check_model_kwargs(ctx.model, ctx.dtype, args, kwargs, allow_local=ctx.settings.allow_local_data)
             return ModelHandle(ctx.book, user, object_id)
@@ -245,6 +284,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
         args = codec.from_wire(call.args, resolve)
         kwargs = codec.from_wire(call.kwargs, resolve)
+        _check_call_types(obj.kind, method, args, kwargs)
         run_id = None
         if obj.kind == "model":
             value, run_id = obj.instance.call(method, args, kwargs, request_id=request_id)
