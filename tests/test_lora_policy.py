@@ -49,6 +49,10 @@ def one(field: str, *values: Any, **extra: Any) -> list[dict[str, Any]]:
     return [{field: value, **extra} for value in values]
 
 
+# Patterns peft would match against every module name for minutes or forever (the device
+# thread all users share would hang): nested or alternating repeats, back-references, many repeats.
+REDOS = ["(.*)*x", "(.|.)*x", "(a+)+b", r"(\w)\1", ".*.*.*.*x"]
+
 # field -> (accepted, refused): each entry is what is added to BASE.
 CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "task_type": (one("task_type", None, "CAUSAL_LM"), one("task_type", "SEQ_CLS", "SEQ_2_SEQ_LM", 3)),
@@ -61,13 +65,15 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "inference_mode": (one("inference_mode", False), one("inference_mode", True, 1)),
     "r": (one("r", 1, MAX_R), one("r", 0, -1, MAX_R + 1, 20000, 2**70, "x", 4.0, True)),
     "target_modules": (
-        one("target_modules", None, "all-linear", ["q_proj"], r".*\.mlp\..*_proj", ["embed_tokens"], ["lm_head"]),
+        one("target_modules", None, "all-linear", ["q_proj"], r".*\.mlp\..*_proj", ["embed_tokens"], ["lm_head"],
+            r"model\.layers\.[0-9]+\.self_attn\.(q|v)_proj"),
         one("target_modules", 5, [], [""], ["x" * 300], "(", [1], ["norm"], ["q_proj", "norm"], ["no_such_layer"],
-            [f"m{i}" for i in range(300)]),
+            [f"m{i}" for i in range(300)], *REDOS),
     ),
     "exclude_modules": (one("exclude_modules", None, ["v_proj"], r".*\.0\..*"),
-                        one("exclude_modules", 5, "(", [None])),
-    "lora_alpha": (one("lora_alpha", 16, 0.5, 1000), one("lora_alpha", 0, -1, math.nan, math.inf, "x", True)),
+                        one("exclude_modules", 5, "(", [None], *REDOS)),
+    "lora_alpha": (one("lora_alpha", 16, 0.5, 1000),
+                   one("lora_alpha", 0, -1, math.nan, math.inf, "x", True, 2**2000, -(2**2000))),
     "lora_dropout": (one("lora_dropout", 0.0, 0.1), one("lora_dropout", -0.1, 1.0, math.nan, "x")),
     "fan_in_fan_out": (one("fan_in_fan_out", False), one("fan_in_fan_out", True, "no")),
     "bias": (one("bias", "none"), one("bias", "all", "lora_only", None)),
@@ -81,11 +87,11 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "layers_to_transform": (one("layers_to_transform", None, [0], 1),
                             one("layers_to_transform", [-1], ["x"], [True], [], list(range(300)), "0")),
     "layers_pattern": (one("layers_pattern", None, "layers", ["layers"], layers_to_transform=[0]),
-                       one("layers_pattern", 5, "(", [""], layers_to_transform=[0])),
+                       one("layers_pattern", 5, "(", [""], *REDOS, layers_to_transform=[0])),
     "rank_pattern": (
         one("rank_pattern", {}, {"q_proj": 2}, {"v_proj": MAX_R}, {r"layers\.0\.self_attn\.q_proj": 1}),
         one("rank_pattern", {"q_proj": 20000}, {"q_proj": MAX_R + 1}, {"q_proj": 0}, {"q_proj": "x"},
-            {"q_proj": 2.0}, {"q_proj": True}, {"": 2}, {"x" * 300: 2}, {"(": 2}, [1, 2], 5,
+            {"q_proj": 2.0}, {"q_proj": True}, {"": 2}, {"x" * 300: 2}, {"(": 2}, [1, 2], 5, {REDOS[0]: 2},
             {f"k{i}": 2 for i in range(MAX_PATTERN_ENTRIES + 1)}),
     ),
     "alpha_pattern": (

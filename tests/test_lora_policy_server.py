@@ -41,6 +41,8 @@ ATTACKS = [
     ("corda files", {"init_lora_weights": "corda", "corda_config": {"cache_file": "/tmp/corda"}, **TARGETS},
      "corda"),
     ("bad regex", {"r": 4, "target_modules": "(("}, "target_modules"),
+    # A pattern that would backtrack for ever on the device thread every user shares.
+    ("slow regex", {"r": 4, "target_modules": "(.*)*x"}, "could take very long to match"),
     ("odd types", {"r": 4, "target_modules": {"q_proj": 1}}, ""),
     ("runtime_config", {"runtime_config": {"ephemeral_gpu_offload": True}, **TARGETS}, "runtime_config"),
     ("unknown field", {"r": 4, "rewrite_the_base": True}, "rewrite_the_base"),

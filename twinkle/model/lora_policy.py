@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -23,14 +24,21 @@ from typing import Any
 
 from peft import LoraConfig
 
+try:  # the parser behind re.compile: its tree shows how a pattern backtracks
+    from re import _parser as _sre  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
+
 from ..errors import InvalidArgumentError, first_line
 
 MAX_NAMES = 256
 """Most entries in a list of module names, layer indices or patterns."""
 MAX_NAME_CHARS = 256
 """Longest module name, pattern or metadata string."""
-MAX_PATTERN_ENTRIES = 256
-"""Most keys in ``rank_pattern`` or ``alpha_pattern``."""
+MAX_PATTERN_ENTRIES = 64
+"""Most keys in ``rank_pattern`` or ``alpha_pattern`` (each is matched against every adapted module)."""
+MAX_REGEX_REPEATS = 3
+"""Most repeats (``*``, ``+``, ``{m,n}``) in one pattern: matching time grows with their power."""
 MAX_LAYER_INDEX = 100_000
 """Highest layer index ``layers_to_transform`` may name."""
 
@@ -60,8 +68,17 @@ class FieldRule:
     check: Check | None = None
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 4
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A short repr, never built in full: a hostile value may be a huge list or dict."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -74,7 +91,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite float, or an int a float holds exactly (a larger one overflows peft's arithmetic)."""
+    if _is_int(value):
+        return abs(value) <= 2**53
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _is_text(value: Any, text: str) -> bool:
@@ -91,15 +111,54 @@ def _is_default(value: Any, default: Any) -> bool:
         return False
 
 
+_REPEATS = {op for op in (getattr(_sre, n, None) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")) if op}
+
+
+def _repeats(items: Any, in_repeat: bool) -> int:
+    """How many repeats a parsed pattern has; ``ValueError`` for the shapes that backtrack
+    exponentially (a repeat or alternatives inside a repeat, back-references)."""
+    count = 0
+    for op, av in items:
+        if op in _REPEATS:
+            many = av[1] > 1
+            if in_repeat and many:
+                raise ValueError("a repeat inside a repeat")
+            count += many + _repeats(av[2], in_repeat or many)
+        elif op is _sre.SUBPATTERN:
+            count += _repeats(av[-1], in_repeat)
+        elif op is _sre.BRANCH:
+            if in_repeat:
+                raise ValueError("alternatives inside a repeat; use a character class")
+            count += sum(_repeats(branch, in_repeat) for branch in av[1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            count += _repeats(av[1], in_repeat)
+        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+            raise ValueError("a back-reference")
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            count += _repeats(av, in_repeat)
+    return count
+
+
+def _check_regex(name: str, value: str) -> None:
+    """A pattern peft matches against every module name, on the device thread all users share:
+    it must compile, and be one that cannot backtrack for long."""
+    try:
+        re.compile(value)
+        repeats = _repeats(_sre.parse(value), False)
+    except re.error as exc:
+        raise _refuse(name, value, f"not a regular expression ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(name, value, f"it could take very long to match ({exc})") from None
+    if repeats > MAX_REGEX_REPEATS:
+        raise _refuse(name, value, f"a pattern may repeat at most {MAX_REGEX_REPEATS} times (*, +, {{m,n}})")
+
+
 def _check_name(name: str, value: Any, *, regex: bool) -> None:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
         raise _refuse(name, value, f"names and patterns must be non-empty strings of at most {MAX_NAME_CHARS} "
                                    "characters")
     if regex:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise _refuse(name, value, f"not a regular expression ({exc})") from None
+        _check_regex(name, value)
 
 
 def _names(*, regex_str: bool, regex_items: bool = False) -> Check:
@@ -135,7 +194,7 @@ def _check_rank(name: str, value: Any, limits: PolicyLimits) -> None:
 
 def _check_alpha(name: str, value: Any, limits: PolicyLimits) -> None:
     if not _is_number(value) or value <= 0:
-        raise _refuse(name, value, "lora_alpha must be a positive finite number")
+        raise _refuse(name, value, "an alpha must be a positive finite number")
 
 
 def _check_dropout(name: str, value: Any, limits: PolicyLimits) -> None:
@@ -181,7 +240,7 @@ def _check_layers(name: str, value: Any, limits: PolicyLimits) -> None:
         raise _refuse(name, value, f"use a layer index or a list of 1 to {MAX_NAMES} layer indices")
     for item in items:
         if not _is_int(item) or not 0 <= item <= MAX_LAYER_INDEX:
-            raise _refuse(name, value, "layer indices are integers >= 0")
+            raise _refuse(name, value, f"layer indices are integers from 0 to {MAX_LAYER_INDEX}")
 
 
 def _pattern(value_check: Check, what: str) -> Check:

@@ -141,7 +141,7 @@ class MultiLoraTransformersModel(ModelAPI):
                 except torch.OutOfMemoryError:
                     self._discard_partial_adapter(peft_name)
                     raise CapacityError(f"adapter {adapter_name!r} does not fit in device memory") from None
-                except (ValueError, TypeError, KeyError, IndexError, re.error) as exc:
+                except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, re.error) as exc:
                     self._discard_partial_adapter(peft_name)
                     raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {first_line(exc)}") from None
                 except BaseException:
