@@ -214,6 +214,30 @@ def test_odd_arrays_and_values_are_invalid_arguments(srv) -> None:
     c.delete(f"/objects/{target}")
 
 
+def test_arguments_of_the_wrong_plain_type_are_invalid_arguments(srv, raw_helpers) -> None:
+    c = srv.mallory
+    model = raw_helpers.raw_model(c, adapter="types")
+    dataset = c.create("dataset", "builtin://self-cognition")
+    cases = [
+        (model, "save", ["ck"], {"save_optimizer": [1, 2]}, "save(): save_optimizer must be bool, got list"),
+        (model, "forward_only", [[{"input_ids": [1, 2, 3]}]], {"return_logits": np.ones((2, 2), dtype=np.int64)},
+         "return_logits must be bool"),
+        (dataset, "encode", [], {"batched": np.ones((2, 2), dtype=np.int64)}, "encode(): batched must be bool, got Tensor"),
+        (dataset, "map", ["SelfCognitionProcessor"], {"init_args": 5}, "init_args must be a dict | None, got int"),
+        (dataset, "__getitem__", ["0"], {}, "__getitem__(): idx must be int, got str"),
+    ]
+    for obj, method, args, kwargs, message in cases:
+        (result,) = c.body(c.calls(obj, [(method, args, kwargs)]))["results"]
+        assert result["error"]["code"] == "invalid_argument" and message in result["error"]["message"], result
+    r = c.post("/objects", {"kind": "dataloader", "args": [], "kwargs": {"dataset": {"__ref__": dataset},
+                                                                          "batch_size": 2, "shuffle": "yes"}})
+    assert "shuffle must be bool, got str" in http_error(r, 400)["message"]
+    (run,) = [r for r in c.get("/training_runs", limit=1000).json()["training_runs"] if r["adapter_name"] == "types"]
+    assert run["num_checkpoints"] == 0  # the save never ran
+    c.delete(f"/objects/{dataset}")
+    c.delete(f"/objects/{model}")
+
+
 def test_query_parameters_and_nesting_are_bounded(srv) -> None:
     c = srv.alice
     model = c.create("model", "builtin://tiny-qwen2")
