@@ -87,11 +87,13 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
     "layers_to_transform": (one("layers_to_transform", None, [0], 1),
                             one("layers_to_transform", [-1], ["x"], [True], [], list(range(300)), "0")),
     "layers_pattern": (one("layers_pattern", None, "layers", ["layers"], layers_to_transform=[0]),
-                       one("layers_pattern", 5, "(", [""], *REDOS, layers_to_transform=[0])),
+                       one("layers_pattern", 5, "(", [""], ".*.*.*x", ["layers"] * 17, *REDOS,
+                           layers_to_transform=[0])),
     "rank_pattern": (
         one("rank_pattern", {}, {"q_proj": 2}, {"v_proj": MAX_R}, {r"layers\.0\.self_attn\.q_proj": 1}),
         one("rank_pattern", {"q_proj": 20000}, {"q_proj": MAX_R + 1}, {"q_proj": 0}, {"q_proj": "x"},
             {"q_proj": 2.0}, {"q_proj": True}, {"": 2}, {"x" * 300: 2}, {"(": 2}, [1, 2], 5, {REDOS[0]: 2},
+            {".*_.*_.*x": 2},
             {f"k{i}": 2 for i in range(MAX_PATTERN_ENTRIES + 1)}),
     ),
     "alpha_pattern": (

@@ -38,7 +38,11 @@ MAX_NAME_CHARS = 256
 MAX_PATTERN_ENTRIES = 64
 """Most keys in ``rank_pattern`` or ``alpha_pattern`` (each is matched against every adapted module)."""
 MAX_REGEX_REPEATS = 3
-"""Most repeats (``*``, ``+``, ``{m,n}``) in one pattern: matching time grows with their power."""
+"""Most repeats (``*``, ``+``, ``{m,n}``) in a target or exclude pattern: matching time grows
+with their power. peft wraps rank/alpha pattern keys and layer patterns in repeats of its own
+and matches them against every module, so those may hold ``MAX_REGEX_REPEATS - 1``."""
+MAX_LAYER_PATTERNS = 16
+"""Most entries in a ``layers_pattern`` list."""
 MAX_LAYER_INDEX = 100_000
 """Highest layer index ``layers_to_transform`` may name."""
 
@@ -139,7 +143,7 @@ def _repeats(items: Any, in_repeat: bool) -> int:
     return count
 
 
-def _check_regex(name: str, value: str) -> None:
+def _check_regex(name: str, value: str, max_repeats: int) -> None:
     """A pattern peft matches against every module name, on the device thread all users share:
     it must compile, and be one that cannot backtrack for long."""
     try:
@@ -149,33 +153,34 @@ def _check_regex(name: str, value: str) -> None:
         raise _refuse(name, value, f"not a regular expression ({exc})") from None
     except (ValueError, RecursionError) as exc:
         raise _refuse(name, value, f"it could take very long to match ({exc})") from None
-    if repeats > MAX_REGEX_REPEATS:
-        raise _refuse(name, value, f"a pattern may repeat at most {MAX_REGEX_REPEATS} times (*, +, {{m,n}})")
+    if repeats > max_repeats:
+        raise _refuse(name, value, f"here a pattern may repeat at most {max_repeats} times (*, +, {{m,n}})")
 
 
-def _check_name(name: str, value: Any, *, regex: bool) -> None:
+def _check_name(name: str, value: Any, *, regex: bool, max_repeats: int = MAX_REGEX_REPEATS) -> None:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
         raise _refuse(name, value, f"names and patterns must be non-empty strings of at most {MAX_NAME_CHARS} "
                                    "characters")
     if regex:
-        _check_regex(name, value)
+        _check_regex(name, value, max_repeats)
 
 
-def _names(*, regex_str: bool, regex_items: bool = False) -> Check:
+def _names(*, regex_str: bool, regex_items: bool = False, most: int = MAX_NAMES,
+           max_repeats: int = MAX_REGEX_REPEATS) -> Check:
     """None, one string (a regular expression when ``regex_str``) or a list of strings."""
 
     def check(name: str, value: Any, limits: PolicyLimits) -> None:
         if value is None:
             return
         if isinstance(value, str):
-            _check_name(name, value, regex=regex_str)
+            _check_name(name, value, regex=regex_str, max_repeats=max_repeats)
             return
         if not isinstance(value, list | tuple | set | frozenset):
             raise _refuse(name, value, "use a string or a list of strings")
-        if not value or len(value) > MAX_NAMES:
-            raise _refuse(name, value, f"give between 1 and {MAX_NAMES} names")
+        if not value or len(value) > most:
+            raise _refuse(name, value, f"give between 1 and {most} names")
         for item in value:
-            _check_name(name, item, regex=regex_items)
+            _check_name(name, item, regex=regex_items, max_repeats=max_repeats)
 
     return check
 
@@ -252,7 +257,7 @@ def _pattern(value_check: Check, what: str) -> Check:
         if len(value) > MAX_PATTERN_ENTRIES:
             raise _refuse(name, value, f"at most {MAX_PATTERN_ENTRIES} entries", f"<dict of {len(value)} entries>")
         for key, item in value.items():
-            _check_name(name, key, regex=True)
+            _check_name(name, key, regex=True, max_repeats=MAX_REGEX_REPEATS - 1)
             value_check(f"{name}[{_short(key)}]", item, limits)
 
     return check
@@ -306,7 +311,8 @@ LORA_FIELD_RULES: dict[str, FieldRule] = {
     "layers_to_transform": FieldRule("None, a layer index or a list of them", "only narrows the targets",
                                      _check_layers),
     "layers_pattern": FieldRule("None, a regex or a list of them", "only narrows the targets",
-                                _names(regex_str=True, regex_items=True)),
+                                _names(regex_str=True, regex_items=True, most=MAX_LAYER_PATTERNS,
+                                       max_repeats=MAX_REGEX_REPEATS - 1)),
     "rank_pattern": FieldRule(f"dict of <= {MAX_PATTERN_ENTRIES} patterns to ranks 1..max_r",
                               "per-layer ranks, each bounded like r", _pattern(_check_rank, "ranks")),
     "alpha_pattern": FieldRule(f"dict of <= {MAX_PATTERN_ENTRIES} patterns to positive finite numbers",
