@@ -105,6 +105,10 @@ def _narrowest_int(values: list[int]) -> np.dtype:
 
 
 def _array(arr: np.ndarray, *, as_list: bool = False) -> dict[str, Any]:
+    if arr.dtype.itemsize not in _ARRAY_KINDS.get(arr.dtype.kind, ()) or arr.dtype.names is not None:
+        raise InvalidArgumentError(
+            f"cannot send an array of dtype {arr.dtype}: arrays must hold booleans, integers or floats"
+        )
     arr = np.ascontiguousarray(arr)
     return {_ND: arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes(), "list": as_list}
 
