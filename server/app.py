@@ -170,7 +170,11 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
-    """The HTTP application serving ``ctx``. The caller starts and shuts down ``ctx``."""
+    """The HTTP application serving ``ctx``. The caller starts and shuts down ``ctx``.
+
+    ``/openapi.json``, ``/docs`` and ``/redoc`` need no key on purpose: they describe the routes
+    and bodies (what the source shows anyway) and hold no user data, key or server path, and a
+    browser could not send a key to ``/docs`` anyway."""
     app = FastAPI(
         title="twinkle-server",
         version=__version__,
