@@ -8,7 +8,7 @@ something the server chooses, and which ``Effect`` to record. There is no per-me
 here, only one recorder per kind of effect (``_EFFECTS``). Its methods run on the device
 worker only, so the model and the records never race, and a limit checked before a call
 still holds when the call runs (adapter slots: ``max_loras`` in all, ``max_loras_per_user``
-per user; ranks up to ``max_r``).
+per user; the library's LoRA policy bounds ranks by ``max_r``).
 """
 
 from __future__ import annotations
@@ -206,7 +206,6 @@ class ModelHandle:
         name = check_adapter_name(call.a["adapter_name"])
         if name in self.links:
             raise InvalidArgumentError(f"adapter {name!r} already exists on this model")
-        _check_ranks(call.a["config"], self.model.max_r)
         self._check_slots()
         self._added += 1
         base_name = f"{self.object_id}.{self._added}"
@@ -367,26 +366,6 @@ class ModelHandle:
             )
         job = self.book.uploads.start(self.user.id, folder, label, a["hub_model_id"], a["hub_token"])
         return job.upload_id
-
-
-def _check_ranks(config: Any, max_r: int) -> None:
-    """Every rank a LoRA config asks for (``r`` and each ``rank_pattern`` entry) is an integer
-    from 1 to the server's ``max_r``: an adapter's memory grows with its ranks. (Other config
-    errors are the library's to report.)"""
-    if not hasattr(config, "r"):
-        return
-    pattern = getattr(config, "rank_pattern", None) or {}
-    if not isinstance(pattern, dict):
-        raise InvalidArgumentError(f"LoRA rank_pattern must map module names to ranks, got {type(pattern).__name__}")
-    for label, r in (("r", config.r), *((f"rank_pattern[{str(k)[:100]!r}]", v) for k, v in pattern.items())):
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise InvalidArgumentError(f"LoRA rank {label} must be an integer, got {str(r)[:100]}")
-        if r < 1:
-            raise InvalidArgumentError(f"LoRA rank {label} must be >= 1, got {r}")
-        if r > max_r:
-            raise InvalidArgumentError(
-                f"LoRA rank {label}={r} is above this server's max_r={max_r} (set by twinkle-server serve --max-r)"
-            )
 
 
 def _checkpoint_of(call: _Call) -> tuple[str, str, int]:
