@@ -48,7 +48,7 @@ from .kinds import (
 from .model_handle import ModelHandle
 from .objects import RemoteObject, new_object_id
 from .store import User
-from .wire import read_body, respond
+from .wire import read_body, respond, respond_off_loop
 
 router = APIRouter(tags=["objects"])
 log = logging.getLogger("twinkle_server.objects")
@@ -218,7 +218,7 @@ async def call_object(object_id: str, request: Request, user: CurrentUser, ctx: 
     # Shielded: once started, a batch finishes and records its results even if the client goes away,
     # so that the retry finds them instead of running a call a second time.
     task = asyncio.ensure_future(_run_batch(ctx, user, object_id, batch, identities, _request_id(request), hub))
-    return respond(request, await asyncio.shield(task))
+    return await respond_off_loop(request, await asyncio.shield(task))
 
 
 async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: CallBatch,

@@ -181,3 +181,9 @@ def respond(request: Request, payload: BaseModel | dict[str, Any], status_code: 
     if wants_msgpack(request):
         return Response(codec.pack(data), status_code=status_code, media_type=MSGPACK, headers=headers)
     return JSONResponse(jsonable(data), status_code=status_code, headers=headers)
+
+
+async def respond_off_loop(request: Request, payload: BaseModel | dict[str, Any]) -> Response:
+    """``respond``, encoded on a decoding thread: call results can be large (a JSON answer turns
+    every packed array into nested lists), and encoding them must not hold up the event loop."""
+    return await asyncio.wrap_future(_decode_pool().submit(respond, request, payload))
