@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import datetime as _dt
+import faulthandler
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ OFFLINE_ENV = {
 }
 for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
+# `kill -USR1 PID` prints every thread's stack (a script that hangs says where).
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def server_env() -> dict[str, str]:
@@ -587,7 +590,8 @@ class LoopbackProxy:
                 self.counts["passed"] += 1
                 if rheaders.get("connection", "").lower() == "close":
                     return
-        except (ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, OSError):
+        except (ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, OSError,
+                asyncio.CancelledError):  # cancelled: the proxy is stopping
             return
         finally:
             for w in (writer, up_writer):

@@ -26,8 +26,11 @@ import json
 import sys
 import time
 
+T0 = time.monotonic()
+
 
 def emit(**event) -> None:
+    event["t"] = round(time.monotonic() - T0, 3)
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
@@ -69,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     from twinkle_client.dataset import Dataset, DatasetMeta
     from twinkle_client.model import MultiLoraTransformersModel
 
-    end = time.monotonic() + args.seconds
     try:
         client = init_twinkle_client(base_url=args.url, api_key=args.key, retry_timeout=args.retry_timeout)
         latest = client.get_latest_checkpoint_path(args.resume_run) if args.resume_run else None
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             index = progress["consumed_train_samples"] // args.batch
         model.get_train_state()  # the run id is known once a call has come back
         emit(ev="ready", run=model.training_run_id, start=index, resumed_from=latest)
+        end = time.monotonic() + args.seconds  # the training time, from here
         done = updates = saves = 0
         while done < args.max_micro and time.monotonic() < end:
             for batch in loader:
