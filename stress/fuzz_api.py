@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=None, help="valid examples per operation (default 300; smoke 5)")
     p.add_argument("--negative", type=int, default=None, help="invalid examples per operation (default 100; smoke 3)")
     p.add_argument("--budget-s", type=float, default=None, help="seconds per operation and mode (default 150)")
+    p.add_argument("--total-budget-s", type=float, default=None,
+                   help="seconds for the whole fuzzing (default 1500; smoke 120); operations past it are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="keep data and logs in this folder (emptied first)")
     p.add_argument("--smoke", action="store_true")
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = args.examples if args.examples is not None else (5 if args.smoke else 300)
     negative = args.negative if args.negative is not None else (3 if args.smoke else 100)
     budget = args.budget_s if args.budget_s is not None else (20.0 if args.smoke else 150.0)
+    total = args.total_budget_s if args.total_budget_s is not None else (120.0 if args.smoke else 1500.0)
     report = Report("fuzz_api", args.smoke)
 
     import schemathesis
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     report.line(f"server {server.url}, {len(operations)} operations; {examples} valid + {negative} invalid "
                 f"examples per operation and id set, each sent with the key and without")
     seed = args.seed
+    skipped: list[str] = []
+    fuzz_end = time.monotonic() + total
     real_params = {"run_id": fixtures["run_id"], "checkpoint_id": fixtures["checkpoint_id"]}
     for op in operations:
         label = f"{op.method.upper()} {op.path}"
@@ -271,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         for id_label, params in id_sets:
             for mode, count in ((GenerationMode.POSITIVE, examples), (GenerationMode.NEGATIVE, negative)):
                 seed += 1
+                if time.monotonic() > fuzz_end:
+                    skipped.append(f"{label} [{id_label}, {mode.value}]")
+                    continue
                 t0 = time.monotonic()
                 before = tally.requests
                 try:
@@ -286,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     before = tally.requests
     fuzz_raw_bodies(tally, server.url, key, fixtures["object_ids"][2], max(examples, 5), seed + 1)
     report.line(f"  raw bytes to the object routes: {tally.requests - before} requests in {time.monotonic() - t0:.1f} s")
+    if skipped:
+        report.line(f"skipped past the total budget of {total:.0f} s: {', '.join(skipped)}")
     alive = server.alive()
     server_log = server.log()
     server.stop()
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         schemathesis_checks_failed=sorted(tally.check_failures), server_alive=alive,
         server_log_tracebacks=log_tracebacks,
         first_5xx=tally.server_errors[:10], first_leaks=tally.leaks[:10],
-        examples_per_operation=examples, negative_per_operation=negative,
+        examples_per_operation=examples, negative_per_operation=negative, skipped_for_time=skipped,
     )
     bad = tally.server_errors or tally.leaks or tally.unauth_2xx or not alive
     return 1 if bad else 0

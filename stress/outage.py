@@ -4,9 +4,9 @@
 
 The seed's loop (tests/data/seed_example.py: built-in model and dataset, batch 8,
 gradient accumulation 2) runs through ``stress.common.LoopbackProxy``. After the loop's
-``--at``-th iteration has been queued the proxy goes dark: it stops listening and cuts its
-open connections, so every request fails with "connection refused", as when a laptop sleeps
-or a VPN drops. After ``--outage-s`` seconds it listens again on the same port.
+``--at``-th iteration has been queued the proxy goes dark: it cuts its open connections and
+resets every new one at once, so no request gets through, as when a laptop sleeps or a VPN
+drops. After ``--outage-s`` seconds requests pass again.
 
 Scenarios (each a fresh model on the same server; the reference is the loop straight
 against the server):
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         unreported = len(server_losses) - matched
         silent_total += silent
         err = result["errors"][0] if result["errors"] else None
-        rows_out.append([label, f"{budget:.0f}", result["outage_s"], "yes" if not result["errors"] else "no",
+        rows_out.append([label, f"{budget:g}", result["outage_s"], "yes" if not result["errors"] else "no",
                          f"{err['type']} after {err['after_outage_began_s']} s" if err else "-",
                          len(result["errors"]), f"{len(got)}/{len(expected)}", len(missing),
                          "yes" if identical else ("same where trained" if same_positions else "no"),
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{result['errors'][:1]}")
         if outage_s >= budget and result["errors"]:
             gaps.append(
-                f"{label}: an outage of {outage_s:.0f} s (retry budget {budget:.0f} s) raised "
+                f"{label}: an outage of {outage_s:g} s (retry budget {budget:g} s) raised "
                 f"{err['type']} after {err['after_outage_began_s']} s at iteration {err['iteration']}: "
                 f"\"{err['message']}\"; the loop went on after the outage with {len(missing)} micro-batch(es) "
                 f"never trained ({missing[:5]}), {result['updates']} updates instead of {reference['updates']}, "
