@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import gc
 import gzip
-import importlib.util
 import json
 import os
 import re
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
+from support import inprocess
 
 import twinkle_client
 from twinkle import errors
@@ -62,19 +59,6 @@ KEY = "tk_x"
 DEADLINE = 30.0  # seconds any wait of a test may take before it counts as a failure
 
 
-def _helper(name: str) -> ModuleType:
-    """A helper module beside this file (tests are imported with --import-mode=importlib)."""
-    full = f"twinkle_tests_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-inprocess = _helper("inprocess")
 
 
 # =============================================================================== the wire
@@ -292,6 +276,16 @@ def unreachable() -> Wire:
 def client_over(wire: Wire, url: str = URL, **kw: Any) -> TwinkleClient:
     return TwinkleClient(url, kw.pop("api_key", KEY), retry_timeout=kw.pop("retry_timeout", 10.0),
                          http_transport=wire.transport, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap() -> Iterator[None]:
+    """What existed before this module (torch, transformers, earlier tests) is never this module's
+    garbage: frozen, the full collection after each test walks only what the tests made."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)

@@ -10,32 +10,17 @@ floats to a relative 1e-5). Every declared method must appear in the scenario.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import traceback
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from support import contract_scenario as scenario
+from support import inprocess
 
 pytestmark = pytest.mark.server
 
 
-def _helper(name: str) -> ModuleType:
-    """A helper module beside this file (tests are imported with --import-mode=importlib)."""
-    full = f"twinkle_tests_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-scenario = _helper("contract_scenario")
-inprocess = _helper("inprocess")
 
 
 def _run(label: str, classes: Any, extra_data: Path, failures: list[str]) -> Any:

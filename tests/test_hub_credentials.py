@@ -12,17 +12,16 @@ ModelScope plumbing is tested with stand-ins for the SDK (modelscope is not inst
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
 import threading
 import types
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
+from support import fake_hub
 
 from twinkle import hub
 from twinkle.errors import InvalidArgumentError, NotFoundError
@@ -35,19 +34,6 @@ USER_A = "user-a-token"
 USER_B = "user-b-token"
 
 
-def _helper(name: str) -> ModuleType:
-    """A helper module beside this file (tests are imported with --import-mode=importlib)."""
-    full = f"twinkle_tests_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-fake_hub = _helper("fake_hub")
 
 
 @pytest.fixture(autouse=True)
