@@ -126,14 +126,15 @@ def test_retry_during_the_original_waits_for_its_result(flow) -> None:
     payload = {"calls": [{**call, "seq": seq + i + 1} for i, call in enumerate(calls)]}
     c.seqs[flow.model] = seq + len(calls)
     replies: list = []
+    start = threading.Barrier(3)
 
     def send() -> None:
+        start.wait(60)  # the three copies go out together, in whatever order the server sees them
         replies.append(c.post(f"/objects/{flow.model}/calls", payload))
 
     threads = [threading.Thread(target=send) for _ in range(3)]
     for t in threads:
         t.start()
-        time.sleep(0.02)
     for t in threads:
         t.join(60)
     bodies = [c.body(r) for r in replies]
