@@ -109,16 +109,28 @@ class Checker:
         return history_problems(list(self.client.get_metrics(run_id).points), ACCUM)
 
 
-def disk_problems(data_dir: Path, run_id: str, ckpts: list[Any]) -> tuple[list[str], list[str]]:
-    """(listed checkpoints whose folder is not complete, hidden leftovers in the weights folder)."""
+def disk_problems(data_dir: Path, run_id: str, ckpts: list[Any]) -> tuple[list[str], list[str], list[str]]:
+    """(listed checkpoints whose folder is not complete, hidden leftovers in the weights folder,
+    listed checkpoints whose record disagrees with the folder's own metadata: step, samples)."""
     from twinkle_server.checkpoints import is_complete
 
+    from twinkle.checkpoint import CheckpointMeta
+    from twinkle.errors import CheckpointError
     from twinkle.paths import is_leftover
 
     weights = data_dir / "runs" / run_id / "weights"
     partial = [c.checkpoint_id for c in ckpts if not is_complete(weights / c.checkpoint_id)]
     leftovers = sorted(n for n in os.listdir(weights) if is_leftover(n)) if weights.is_dir() else []
-    return partial, leftovers
+    stale = []
+    for c in ckpts:
+        try:
+            meta = CheckpointMeta.read(weights / c.checkpoint_id)
+        except CheckpointError:
+            continue  # counted as partial
+        if (meta.cur_step, meta.consumed_train_samples) != (c.step, c.consumed_train_samples):
+            stale.append(f"{c.checkpoint_id}: listed at step {c.step} ({c.consumed_train_samples} samples), "
+                         f"the folder holds step {meta.cur_step} ({meta.consumed_train_samples} samples)")
+    return partial, leftovers, stale
 
 
 def leftovers_now(weights: Path) -> list[str]:
@@ -157,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     restart_s: list[float] = []
     rows: list[list[Any]] = []
     totals = {"partial_listed": 0, "leftovers_after_restart": 0, "checkpoints_loaded": 0, "load_failures": 0,
-              "metric_problems": 0, "checkpoints_ahead_of_metrics": 0, "kills_mid_save": 0, "trial_errors": 0}
+              "metric_problems": 0, "checkpoints_ahead_of_metrics": 0, "kills_mid_save": 0, "trial_errors": 0,
+              "stale_records": 0}
+    gap_trials = 0
+    distinct_gaps: set[str] = set()
+    reported_gaps: set[str] = set()
     failures: list[str] = []
 
     for trial in range(trials):
@@ -232,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             assert run_id is not None
             checker = Checker(server, key)
             ckpts = checker.checkpoints(run_id)
-            partial, leftovers = disk_problems(data, run_id, ckpts)
+            partial, leftovers, stale = disk_problems(data, run_id, ckpts)
             load_failed = checker.load_all(ckpts)
             problems, last = checker.metrics(run_id)
             ahead = [c.checkpoint_id for c in ckpts if c.step > last]
             totals["partial_listed"] += len(partial)
+            totals["stale_records"] += len(stale)
+            gap_trials += bool(problems)
+            distinct_gaps.update(problems)
             totals["leftovers_after_restart"] += len(leftovers)
             totals["checkpoints_loaded"] += len(ckpts) - len(load_failed)
             totals["load_failures"] += len(load_failed)
@@ -245,15 +264,17 @@ def main(argv: list[str] | None = None) -> int:
             failures += [f"trial {trial}: partial checkpoint listed: {x}" for x in partial]
             failures += [f"trial {trial}: leftover after restart: {x}" for x in leftovers]
             failures += [f"trial {trial}: load failed: {x}" for x in load_failed]
-            failures += [f"trial {trial}: metrics: {x}" for x in problems]
+            failures += [f"trial {trial}: checkpoint record differs from its folder: {x}" for x in stale]
+            failures += [f"trial {trial}: metrics: {x}" for x in problems if x not in reported_gaps]
+            reported_gaps.update(problems)
             failures += [f"trial {trial}: checkpoint ahead of the metrics (last completed step {last}): {x}"
                          for x in ahead]
-            row += [len(ckpts), len(partial), len(leftovers), f"{len(ckpts) - len(load_failed)}/{len(ckpts)}",
+            row += [len(ckpts), len(partial), len(stale), len(leftovers), f"{len(ckpts) - len(load_failed)}/{len(ckpts)}",
                     last, len(problems), len(ahead), f"{restart_s[-1]:.1f}"]
         except Exception as exc:
             totals["trial_errors"] += 1
             failures.append(f"trial {trial} ({kind}) checks: {type(exc).__name__}: {exc}")
-            row += ["error"] * 7 + [f"{restart_s[-1]:.1f}"]
+            row += ["error"] * 8 + [f"{restart_s[-1]:.1f}"]
         rows.append(row)
         report.line(f"trial {trial}: {row}")
 
@@ -302,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report.table(
         ["trial", "kill", "trigger", "leftovers at kill", "checkpoints listed", "partial listed",
-         "leftovers after restart", "loaded", "last completed step", "metric gaps", "ckpt ahead", "restart s"],
+         "record differs from folder", "leftovers after restart", "loaded", "last completed step", "metric gaps", "ckpt ahead", "restart s"],
         rows,
     )
     kills_train = sum(1 for r in rows if r[1] == "train")
@@ -321,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         partial_checkpoints_listed=totals["partial_listed"], leftovers_after_restart=totals["leftovers_after_restart"],
         checkpoints_loaded=totals["checkpoints_loaded"], load_failures=totals["load_failures"],
         resume_sweep_checkpoints=sweep_count, resume_failures=len(sweep_failures),
-        metric_gap_problems=totals["metric_problems"],
+        checkpoint_records_differing_from_folder=totals["stale_records"],
+        metric_gap_problems=len(distinct_gaps), trials_with_metric_gaps=gap_trials,
         checkpoints_ahead_of_metrics=totals["checkpoints_ahead_of_metrics"],
         losses_repeated_after_resume=repeated, losses_compared_with_uninterrupted=compared,
         loss_mismatches=len(mismatches), max_abs_loss_diff=max_diff,
