@@ -10,5 +10,6 @@ PY=${PY:-.venv/bin/python}
 for script in ${STRESS_SCRIPTS:-kill_trials fuzz_api drop_proxy outage soak}; do
     echo "$(date -u '+%F %T') start $script"
     timeout 5400 "$PY" -m "stress.$script" > "stress/results/$script.txt" 2>&1
-    echo "$(date -u '+%F %T') end $script: exit $?"
+    rc=$?
+    echo "$(date -u '+%F %T') end $script: exit $rc"
 done
