@@ -143,11 +143,12 @@ def reconcile(store: Store, settings: Settings) -> dict[str, int]:
     """Make the database and the checkpoint folders agree after a stop or a crash.
 
     First a checkpoint whose replacement crashed half-way is restored (and recorded). Then rows
-    whose folder is gone or incomplete are dropped; complete folders without a row (a crash
-    between the atomic rename and the insert) are added from their metadata; leftover hidden
-    folders are deleted; runs left ``active`` become ``detached``.
+    whose folder is gone or incomplete are dropped; complete folders without a row, or newer
+    than their row (a crash between the atomic rename and the record), are recorded from their
+    metadata; leftover hidden folders are deleted; runs left ``active`` become ``detached``.
     """
-    counts = {"detached": store.detach_all_runs(), "dropped": 0, "added": 0, "removed_tmp": 0, "restored": 0}
+    counts = {"detached": store.detach_all_runs(), "dropped": 0, "added": 0, "removed_tmp": 0, "restored": 0,
+              "refreshed": 0}
     runs = store.run_ids()
     weight_dirs = (
         [run_dir / "weights" for run_dir in sorted(settings.runs_dir.iterdir()) if (run_dir / "weights").is_dir()]
@@ -163,7 +164,7 @@ def reconcile(store: Store, settings: Settings) -> dict[str, int]:
         if not is_complete(settings.run_weights_dir(run_id) / name):
             store.delete_checkpoint(run_id, name)
             counts["dropped"] += 1
-    known = set(store.all_checkpoints())
+    known = store.checkpoint_times()
     for weights in weight_dirs:
         run_id = weights.parent.name
         for folder in sorted(weights.iterdir()):
@@ -174,7 +175,15 @@ def reconcile(store: Store, settings: Settings) -> dict[str, int]:
                     folder.unlink(missing_ok=True)
                 counts["removed_tmp"] += 1
                 continue
-            if not folder.is_dir() or (run_id, folder.name) in known:
+            if not folder.is_dir():
+                continue
+            recorded = known.get((run_id, folder.name))
+            if recorded is not None:
+                # A save that replaced this checkpoint can die between its rename and its record:
+                # the folder is then newer than the row, and the folder is what a load reads.
+                if ckpt.CheckpointMeta.read(folder).created != recorded:
+                    record_checkpoint(store, run_id, folder.name, folder)
+                    counts["refreshed"] += 1
                 continue
             if run_id not in runs:
                 log.warning("checkpoint folder %s belongs to no known run; left alone", folder)

@@ -303,7 +303,8 @@ def _build_context(settings: Settings) -> Any:
     if any(counts.values()):
         log.info(
             "reconciled the data directory: %(dropped)d checkpoint rows without folders dropped, "
-            "%(added)d folders recorded, %(restored)d interrupted overwrites undone, "
+            "%(added)d folders recorded, %(refreshed)d records renewed from newer folders, "
+            "%(restored)d interrupted overwrites undone, "
             "%(removed_tmp)d unfinished saves and deletions removed, %(detached)d runs detached",
             counts,
         )

@@ -506,6 +506,10 @@ class Store:
     def all_checkpoints(self) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in self._query("SELECT run_id, name FROM checkpoints")]
 
+    def checkpoint_times(self) -> dict[tuple[str, str], float]:
+        """``{(run_id, name): time}`` of every checkpoint row (``time`` is the folder's creation time)."""
+        return {(r[0], r[1]): r[2] for r in self._query("SELECT run_id, name, time FROM checkpoints")}
+
     def delete_checkpoint(self, run_id: str, name: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))

@@ -120,7 +120,7 @@ class _FakeModel:
         return str(folder)
 
 
-def _write_checkpoint(folder: Path, *, training_state: bool = False) -> None:
+def _write_checkpoint(folder: Path, *, training_state: bool = False, step: int = 1) -> None:
     from twinkle import checkpoint as ckpt
 
     folder.mkdir(parents=True)
@@ -128,8 +128,8 @@ def _write_checkpoint(folder: Path, *, training_state: bool = False) -> None:
     (folder / ckpt.ADAPTER_WEIGHTS).write_bytes(b"w" * 16)
     if training_state:
         (folder / ckpt.TRAINING_STATE).write_bytes(b"t")
-    ckpt.CheckpointMeta(base_model="builtin://tiny-qwen2", lora_rank=4, cur_step=1, micro_step=1,
-                        consumed_train_samples=4, gradient_accumulation_steps=1,
+    ckpt.CheckpointMeta(base_model="builtin://tiny-qwen2", lora_rank=4, cur_step=step, micro_step=step,
+                        consumed_train_samples=4 * step, gradient_accumulation_steps=1,
                         has_training_state=training_state).write(folder)
 
 
@@ -231,6 +231,31 @@ def test_reconcile_restores_a_checkpoint_whose_overwrite_crashed(tmp_path: Path)
     assert sorted(book.store.all_checkpoints()) == [(run, "ck"), (run, "kept"), (run, "my-ck")]
     row, folder = book.checkpoints.resolve(user.id, twinkle_path(run, "ck"))
     assert folder == weights / "ck" and row.has_optimizer
+    book.store.close()
+
+
+def test_reconcile_renews_a_record_older_than_its_folder(tmp_path: Path) -> None:
+    """A save that replaced checkpoint ``latest`` was killed after its rename, before its record:
+    the row still describes the old folder. After reconcile the row is the folder's."""
+    import shutil
+
+    from twinkle_server import checkpoints
+
+    book, user, run = _book(tmp_path)
+    weights = book.settings.run_weights_dir(run)
+    _write_checkpoint(weights / "latest", training_state=True, step=4)
+    book.checkpoints.record(run, "latest")
+    _write_checkpoint(weights / "same", step=2)
+    book.checkpoints.record(run, "same")
+    shutil.rmtree(weights / "latest")
+    _write_checkpoint(weights / "latest", training_state=True, step=6)  # the replacement, unrecorded
+    assert book.store.get_checkpoint(user.id, run, "latest").step == 4
+    counts = checkpoints.reconcile(book.store, book.settings)
+    assert counts["refreshed"] == 1 and counts["added"] == 0 and counts["dropped"] == 0
+    renewed = book.store.get_checkpoint(user.id, run, "latest")
+    assert renewed.step == 6 and renewed.consumed_train_samples == 24
+    assert book.store.get_checkpoint(user.id, run, "same").step == 2
+    assert checkpoints.reconcile(book.store, book.settings)["refreshed"] == 0  # settled
     book.store.close()
 
 
