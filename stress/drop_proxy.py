@@ -1,6 +1,6 @@
 """The seed's training loop through a loopback proxy that cuts connections: nothing changes.
 
-    .venv/bin/python -m stress.drop_proxy [--rows 350] [--drop 0.15] [--runs 3] [--keep DIR] [--smoke]
+    .venv/bin/python -m stress.drop_proxy [--rows 350] [--drop 0.15] [--runs 10] [--keep DIR] [--smoke]
 
 First the loop of tests/data/seed_example.py runs straight against the server (the built-in
 model and dataset, ``--rows`` samples, batch 8, gradient accumulation 2), then ``--runs``
@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None, help="samples (default 350, the whole dataset; smoke 48)")
     p.add_argument("--drop", type=float, default=None, help="share of requests cut (default 0.15; smoke 0.3)")
-    p.add_argument("--runs", type=int, default=None, help="proxied runs (default 3; smoke 1)")
+    p.add_argument("--runs", type=int, default=None, help="proxied runs (default 10; smoke 1)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", default=None, help="keep data and logs in this folder (emptied first)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     rows = args.rows if args.rows is not None else (48 if args.smoke else 350)
     drop = args.drop if args.drop is not None else (0.3 if args.smoke else 0.15)
-    n_runs = args.runs if args.runs is not None else (1 if args.smoke else 3)
+    n_runs = args.runs if args.runs is not None else (1 if args.smoke else 10)
     report = Report("drop_proxy", args.smoke)
     work = work_dir("drop", args.keep)
     data = work / "data"
