@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     rss_end = all_running[-1][1] if all_running else float("nan")
     rss_after = server.rss_mib()
     rss_max = max(s[1] for s in samples)
+    # the first minute holds the warm-up (each model's first batches and optimizer state)
+    warm = [s for s in all_running if s[0] >= 60]
+    rss_warm = warm[0][1] if warm else rss_start
 
     trainer_rows = []
     run_checks = []
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{statistics.median(lat):.3f} / {lat[int(0.95 * (len(lat) - 1))]:.3f} / {lat[-1]:.3f}" if lat else "-"),
          ("server RSS idle / start / end / after / max (MiB)",
           f"{rss_idle:.0f} / {rss_start:.0f} / {rss_end:.0f} / {rss_after:.0f} / {rss_max:.0f}"),
-         ("RSS growth over the window (MiB)", f"{rss_end - rss_start:.0f}")],
+         ("RSS growth over the window (MiB)", f"{rss_end - rss_start:.0f}"),
+         ("RSS growth after the first minute (MiB)", f"{rss_end - rss_warm:.0f}")],
     )
     for line in failures[:40]:
         report.line(f"FAILURE: {line}")
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_p95_s=round(lat[int(0.95 * (len(lat) - 1))], 4) if lat else None,
         rss_idle_mib=round(rss_idle), rss_start_mib=round(rss_start), rss_end_mib=round(rss_end),
         rss_after_mib=round(rss_after), rss_max_mib=round(rss_max), rss_growth_mib=round(rss_end - rss_start),
+        rss_growth_after_first_minute_mib=round(rss_end - rss_warm),
         server_alive=alive, errors=len(failures), failures=failures[:40],
     )
     return 1 if failures else 0
