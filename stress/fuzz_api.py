@@ -233,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (20.0 if args.smoke else 150.0)
     total = args.total_budget_s if args.total_budget_s is not None else (120.0 if args.smoke else 1500.0)
     report = Report("fuzz_api", args.smoke)
+    work = work_dir("fuzz", args.keep)
+    # hypothesis keeps its caches there, not in the current folder
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(work / "hypothesis"))
 
     import schemathesis
     from schemathesis import GenerationMode
 
     register_msgpack()
-    work = work_dir("fuzz", args.keep)
     data = work / "data"
     server = start_server(data)
     key = add_user(data, "fuzzer")
