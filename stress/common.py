@@ -9,6 +9,7 @@ object of its figures; ``--smoke`` sizes it to finish well under a minute. Traff
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import datetime as _dt
 import faulthandler
@@ -49,6 +50,26 @@ for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 # `kill -USR1 PID` prints every thread's stack (a script that hangs says where).
 faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+_CHILDREN: list[Any] = []
+"""Servers and trainers this process started: whatever still runs at exit is ended."""
+
+
+def _end_children() -> None:
+    for child in reversed(_CHILDREN):
+        try:
+            child.kill()
+        except Exception:
+            pass
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_end_children)
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _terminated)  # a stopped script still ends its servers (atexit)
 
 
 def server_env() -> dict[str, str]:
@@ -260,6 +281,7 @@ def start_server(data_dir: str | Path, *extra: str, timeout: float = 300.0) -> S
         stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=server_env(),
     )
     server = Server(data_dir, process, "", log_path, [out, err])
+    _CHILDREN.append(server)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         for line in out_path.read_text(errors="replace").splitlines():
@@ -310,6 +332,7 @@ class Trainer:
             stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.PIPE, text=True,
             env=client_env(), cwd=str(ROOT),
         )
+        _CHILDREN.append(self)
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

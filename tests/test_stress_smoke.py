@@ -6,6 +6,7 @@ the full-size runs and their figures are in stress/RESULTS.md and the README.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,10 +20,18 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def last_json_line(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError("no JSON line")
+
+
 def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     """``python -m stress.SCRIPT --smoke``; its figures (the last JSON line)."""
-    from stress.common import last_json_line
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
@@ -37,12 +46,6 @@ def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     figures["_output"] = output[-6000:]
     figures["_exit"] = proc.returncode
     return figures
-
-
-@pytest.fixture(autouse=True)
-def _importable() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
 
 @pytest.mark.timeout(900)
