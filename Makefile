@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install chromium demo test lint clean
+.PHONY: install chromium demo test unit lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: $(STAMP)
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The quick loop: the in-process tests, spread over the machine's cores.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

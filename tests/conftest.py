@@ -52,6 +52,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #   ``train_steps(client, model, loader, n) -> losses`` (n steps on a fresh epoch).
 
 import itertools  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -348,6 +349,27 @@ TEST_CATEGORY_TABLE: dict[str, str] = {
 # Fixtures that start or use a server process: a test that needs one (directly or through
 # another fixture) cannot be a ``unit`` test.
 SERVER_FIXTURES = frozenset({"start_server", "server", "server_user"})
+
+
+_CATEGORY_MARK = re.compile(r"pytest\.mark\.(\w+)")
+
+
+def _module_categories(path: Path) -> set[str]:
+    """Every category a test of ``path`` can have: the table's entries for the file and the
+    category markers its source names (a test's category comes from one or the other)."""
+    listed = {cat for key, cat in TEST_CATEGORY_TABLE.items() if key == path.name or key.startswith(f"{path.name}::")}
+    named = set(_CATEGORY_MARK.findall(path.read_text(encoding="utf-8")))
+    return (listed | named) & set(TEST_CATEGORIES)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m <category>``, skip importing modules with no test of that category (``-m unit``
+    then never imports what the server, kernel and browser tests need)."""
+    selected = (config.option.markexpr or "").strip()
+    if selected in TEST_CATEGORIES and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if selected not in _module_categories(collection_path):
+            return True
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects tests by their markers

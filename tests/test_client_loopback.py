@@ -393,6 +393,42 @@ def test_unreachable_server_is_one_transport_error_line() -> None:
     assert len(wire.seen) >= 2
 
 
+def test_retrying_for_shortens_this_threads_budget_only() -> None:
+    wire = unreachable()
+    with client_over(wire, retry_timeout=120.0) as client:
+        assert client._transport.retry.total_s == 120.0
+        start = time.monotonic()
+        with client.retrying_for(0.5), pytest.raises(errors.TransportError, match="gave up after"):
+            client.list_training_runs()
+        assert time.monotonic() - start < 60  # far below the client's own 120 s budget
+        seen: list[float] = []
+        with client.retrying_for(0.5):
+            other = threading.Thread(target=lambda: seen.append(
+                getattr(client._transport._local, "retry", client._transport.retry).total_s))
+            other.start()
+            other.join()
+        assert seen == [120.0]  # another thread (a model's sender) keeps the long budget
+
+
+def test_a_retried_request_warns_once_and_says_when_the_server_is_back(caplog: pytest.LogCaptureFixture) -> None:
+    wire = scripted(httpx.Response(503), httpx.Response(503), json_reply(200, {"training_runs": [], "cursor": {
+        "limit": 20, "offset": 0, "total_count": 0}}))
+    with caplog.at_level("INFO", logger="twinkle_client.transport"), client_over(wire) as client:
+        assert client.list_training_runs() == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "HTTP 503" in warnings[0] and "retrying for up to 10 s (Ctrl-C stops waiting)" in warnings[0]
+    assert warnings[1].startswith(f"twinkle server at {URL} answered again after ")
+    assert len(wire.seen) == 3
+
+
+def test_the_default_retry_budget_outlasts_a_server_restart() -> None:
+    import inspect
+
+    # Training calls are exactly-once, so the default waits out a restart of several minutes.
+    assert inspect.signature(TwinkleClient).parameters["retry_timeout"].default >= 300
+
+
 def test_health_check_never_raises() -> None:
     wire = scripted(json_reply(200, HEALTHY), json_reply(503, {}), json_reply(200, {"nope": 1}),
                     httpx.Response(200, text="<html>hello</html>"), httpx.RemoteProtocolError("dropped"))

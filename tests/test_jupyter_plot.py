@@ -4,15 +4,17 @@ poller thread did (its fetches, the widget's value), never for time."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import threading
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from twinkle_jupyter.settings import DEFAULTS, MIN_POINTS, SETTINGS, check
+from twinkle_jupyter.settings import DEFAULTS, MIN_POINTS, READ_RETRY_S, SETTINGS, check
 
 pytestmark = pytest.mark.unit
 
@@ -27,6 +29,7 @@ class FakeServer:
         self.revision = 0
         self.fail: Exception | None = None
         self.health_checks = 0
+        self.retry_budgets: list[float] = []
         self.since: list[int] = []
         self.status = "active"
         self._fetches = threading.Condition()
@@ -37,6 +40,11 @@ class FakeServer:
         for step in range(start + 1, start + n + 1):
             self.points.append({"step": step, "loss": 5.0 / step, "num_tokens": 10, "time": 1000.0 + step,
                                 "grad_norm": 1.0, "lr": 1e-3, "completed": True, "superseded": False})
+
+    @contextlib.contextmanager
+    def retrying_for(self, seconds: float) -> Iterator[None]:
+        self.retry_budgets.append(seconds)
+        yield
 
     def require_reachable(self) -> None:
         self.health_checks += 1
@@ -136,6 +144,9 @@ def test_poller_follows_the_cursor_refetches_after_a_resume_and_fails_fast() -> 
     checks = server.health_checks
     server.fail = None
     assert poller.fetch() and poller.error is None and server.health_checks == checks + 1
+
+    # Every fetch ran under the notebook layer's short retry budget, not the client's long one.
+    assert server.retry_budgets and set(server.retry_budgets) == {READ_RETRY_S}
 
     assert next_backoff(0.5) == BACKOFF_MIN_S and next_backoff(2.0) == 4.0
     assert next_backoff(BACKOFF_MAX_S) == BACKOFF_MAX_S

@@ -273,7 +273,6 @@ def test_accepted_value_leaves_the_shared_model_alone(shared, field: str, values
     check_lora_config(dict(values), limits)
     check_lora_config(config, limits)
     sent = _wire(config)
-    before.assert_same(model, "before")
     slots = model.free_slots
 
     model.add_adapter_to_model("probe", sent)
@@ -282,7 +281,7 @@ def test_accepted_value_leaves_the_shared_model_alone(shared, field: str, values
         start = adapter_weights(model, "probe")
         assert start, f"{field}: the adapter has no weights"
         model.set_optimizer("AdamW", lr=1e-2, adapter_name="probe")
-        for _ in range(3):
+        for _ in range(2):  # the second step is the first with a nonzero B in every layer
             out = model.forward_backward(inputs=BATCH, adapter_name="probe")
             assert math.isfinite(out.loss)
             model.step(adapter_name="probe")
@@ -300,7 +299,7 @@ def test_accepted_value_leaves_the_shared_model_alone(shared, field: str, values
 # ------------------------------------------------------------------ refused values
 
 
-def _assert_refused(model: MultiLoraTransformersModel, config: Any, field: str, before: Snapshot) -> None:
+def _assert_refused(model: MultiLoraTransformersModel, config: Any, field: str) -> None:
     slots, held = model.free_slots, peft_adapters(model)
     try:
         model.add_adapter_to_model("probe", config)
@@ -313,14 +312,13 @@ def _assert_refused(model: MultiLoraTransformersModel, config: Any, field: str, 
     assert field in message or message.startswith(("LoRA config does not fit", "LoraConfig has no field")), message
     assert model.adapters == ["other"] and model.free_slots == slots
     assert peft_adapters(model) == held, "a refused adapter left weights behind"
-    before.assert_same(model, f"after refusing {field}")
 
 
 @pytest.mark.parametrize(("field", "values"), _cases(1))
 def test_refused_value_changes_nothing(shared, field: str, values: dict[str, Any]) -> None:
     model, before = shared
     # A dict, as a caller in process may pass it.
-    _assert_refused(model, dict(values), field, before)
+    _assert_refused(model, dict(values), field)
     # What the server decodes from a client's dict: refused while decoding, or by the model.
     try:
         wire_dict = codec.unpack(codec.pack(codec.to_wire({"__type__": "LoraConfig", "value": values})))
@@ -333,18 +331,19 @@ def test_refused_value_changes_nothing(shared, field: str, values: dict[str, Any
             pass
         else:
             if _holds(decoded, values):
-                _assert_refused(model, decoded, field, before)
+                _assert_refused(model, decoded, field)
     # A LoraConfig object and its wire form, where peft builds one that still holds the values.
     config = _build(values)
-    if config is None or not _holds(config, values):
-        return
-    _assert_refused(model, config, field, before)
-    try:
-        sent = _wire(config)
-    except (errors.InvalidArgumentError, OverflowError):
-        return  # not something a client can send
-    if _holds(sent, values):  # the codec sends only what differs from peft's defaults (1 == True)
-        _assert_refused(model, sent, field, before)
+    if config is not None and _holds(config, values):
+        _assert_refused(model, config, field)
+        try:
+            sent = _wire(config)
+        except (errors.InvalidArgumentError, OverflowError):
+            sent = None  # not something a client can send
+        if sent is not None and _holds(sent, values):  # the codec sends only what differs from peft's defaults
+            _assert_refused(model, sent, field)
+    # Once for all the forms refused above: the shared model and the other adapter are as they were.
+    before.assert_same(model, f"after refusing {field}")
 
 
 def _short_repr(value: Any) -> str:

@@ -50,9 +50,10 @@ def lora_weights(model: MultiLoraTransformersModel, adapter: str = "default") ->
 def test_demo_loss_falls(tmp_path) -> None:
     from twinkle.demo import run
 
-    result = run(output_dir=str(tmp_path), quiet=True)
+    # One epoch of the demo's four (``make demo`` runs them all): enough to see it learn.
+    result = run(epochs=1, output_dir=str(tmp_path), quiet=True)
     first, last = result.losses[:10], result.losses[-10:]
-    assert sum(last) / 10 < 0.5 * sum(first) / 10, (first, last)
+    assert sum(last) / 10 < 0.75 * sum(first) / 10, (first, last)
     assert (tmp_path / "default").is_dir() and result.checkpoint.startswith(str(tmp_path))
 
 

@@ -8,6 +8,7 @@ the connection under every existing model, dataset and dataloader, and closes th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -64,7 +65,10 @@ class TwinkleClient:
         timeout: seconds to wait for a reply (a training call may take long).
         connect_timeout: seconds to wait for a connection.
         retry_timeout: how long to keep retrying a server that is unreachable or answers
-            502/503/504 before raising ``TransportError``.
+            502/503/504 before raising ``TransportError``. The default (10 minutes) rides out
+            a server restart or a network outage: every training call is exactly-once (the
+            server answers a resent call from its record), so a loop carries on where it was.
+            The first failed try of a request logs one warning; Ctrl-C stops the wait.
         compress: gzip large request bodies (token batches).
         http_transport: an ``httpx`` transport to use instead of the network (tests).
         hf_token, ms_token: your own Hugging Face and ModelScope tokens. The server reads and
@@ -84,7 +88,7 @@ class TwinkleClient:
         *,
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
-        retry_timeout: float = 60.0,
+        retry_timeout: float = 600.0,
         compress: bool = True,
         http_transport: httpx.BaseTransport | None = None,
         hf_token: str | bool | None = None,
@@ -151,11 +155,22 @@ class TwinkleClient:
     def require_reachable(self, timeout: float = 5.0) -> None:
         """Raise ``TransportError`` at once unless the server answers its health route.
 
-        Management calls retry an unreachable server for a minute; an interactive caller (a
+        Calls retry an unreachable server for ``retry_timeout``; an interactive caller (a
         magic, a browser, a live plot) should learn at once that it is down.
         """
         if not self.health_check(timeout):
             raise TransportError(f"cannot reach the twinkle server at {self.base_url}")
+
+    def retrying_for(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """A block in which this thread's calls retry an unreachable server for at most ``seconds``.
+
+        For readers that should give up soon (a live plot's poller, a widget's refresh) while
+        training calls keep the client's longer ``retry_timeout``::
+
+            with client.retrying_for(5):
+                runs = client.list_training_runs()
+        """
+        return self._transport.retrying_for(seconds)
 
     def get_server_info(self) -> ServerInfo:
         """The server's base model, adapter capacity, device and the user the key belongs to."""

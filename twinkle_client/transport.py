@@ -11,13 +11,15 @@ the stored result rather than a second execution.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -154,6 +156,7 @@ class Transport:
         self._lock = threading.Lock()
         self._inflight = 0
         self._closing = False
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -183,6 +186,16 @@ class Transport:
             close_now = self._closing and self._inflight == 0
         if close_now:
             self._http.close()
+
+    @contextlib.contextmanager
+    def retrying_for(self, seconds: float) -> Iterator[None]:
+        """Within the block, requests made by this thread retry for at most ``seconds``."""
+        previous = getattr(self._local, "retry", None)
+        self._local.retry = replace(previous or self.retry, total_s=min(seconds, (previous or self.retry).total_s))
+        try:
+            yield
+        finally:
+            self._local.retry = previous
 
     # ------------------------------------------------------------------ requests
 
@@ -230,7 +243,7 @@ class Transport:
         timeout: float | None = None,
     ) -> httpx.Response:
         """Send one request, retrying network failures and 502/503/504; return a 2xx response."""
-        policy = retry or self.retry
+        policy = retry or getattr(self._local, "retry", None) or self.retry
         self._enter()
         try:
             return self._request_with_retries(method, path, params, content, headers, policy, timeout)
@@ -267,6 +280,9 @@ class Transport:
             if response is not None:
                 if response.status_code not in RETRY_STATUSES:
                     if response.is_success:
+                        if attempt > 1:
+                            log.warning("twinkle server at %s answered again after %.0f s",
+                                        self.base_url, time.monotonic() - start)
                         return response
                     raise self._error(response)
                 typed = self._typed_error(response)
@@ -282,7 +298,13 @@ class Transport:
                     f"cannot reach twinkle server at {self.base_url}: {reason} "
                     f"(gave up after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.0f} s)"
                 )
-            log.info("twinkle server at %s: %s; retrying in %.1f s", self.base_url, reason, delay)
+            if attempt == 1:
+                # Said once per request at WARNING (shown in a notebook without any logging
+                # set-up), so a long wait for a restarting server is never silent.
+                log.warning("twinkle server at %s: %s; retrying for up to %.0f s (Ctrl-C stops waiting)",
+                            self.base_url, reason, policy.total_s)
+            else:
+                log.info("twinkle server at %s: %s; retrying in %.1f s", self.base_url, reason, delay)
             time.sleep(delay)
 
     def _typed_error(self, response: httpx.Response) -> TwinkleError | None:

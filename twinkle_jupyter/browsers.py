@@ -218,7 +218,7 @@ class RunBrowser(_Browser):
         """Show the page starting at run ``offset`` (clamped to the runs there are)."""
         offset = max(0, int(offset))
         client = self.client
-        client.require_reachable()  # the listing retries a down server for a minute; say so at once
+        client.require_reachable()  # the listing would retry a down server for minutes; say so at once
         runs, cursor = client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
         if not runs and offset > 0 and cursor.total_count:
             offset = max(0, (cursor.total_count - 1) // self.page_size * self.page_size)
@@ -369,7 +369,7 @@ class CheckpointBrowser(_Browser):
         """Fetch the run's checkpoints again."""
         self.title.value = f'<b style="font-size:13px">Checkpoints of {html.escape(self.run_id)}</b>'
         client = self.client
-        client.require_reachable()  # the listing retries a down server for a minute; say so at once
+        client.require_reachable()  # the listing would retry a down server for minutes; say so at once
         self.checkpoints = sorted(client.list_checkpoints(self.run_id), key=lambda c: (c.step, c.time))
         self._rows = [
             [c.checkpoint_id, str(c.step), _when(c.time), _size(c.size_bytes), _loss(c.loss),

@@ -204,7 +204,7 @@ class TwinkleMagics(Magics):
         )
 
     # Each command asks the health route first (require_reachable): the calls after it retry
-    # an unreachable server for a minute, a magic should say at once that it is down.
+    # an unreachable server for minutes, a magic should say at once that it is down.
 
     def _status(self, args: argparse.Namespace) -> None:
         client = current_client()

@@ -38,7 +38,7 @@ from .formatting import (
 from .history import RunHistory
 from .poller import MetricPoller
 from .render import PlotRenderer, RenderOptions
-from .settings import DEFAULTS, X_AXES, check
+from .settings import DEFAULTS, READ_RETRY_S, X_AXES, check
 
 __all__ = ["STATUS_MARKS", "LossPlot", "PlotView"]
 
@@ -288,7 +288,8 @@ class LossPlot(widgets.VBox):
         self._last_status_check = now
         try:
             client = self._poller.client
-            return all(client.get_training_run(r).status != "active" for r in self.runs)
+            with client.retrying_for(READ_RETRY_S):
+                return all(client.get_training_run(r).status != "active" for r in self.runs)
         except Exception:
             return False
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .connection import current_client, one_line_error
 from .history import RunHistory
-from .settings import DEFAULTS, check
+from .settings import DEFAULTS, READ_RETRY_S, check
 
 __all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "MetricPoller", "TotalHint"]
 
@@ -132,8 +132,14 @@ class MetricPoller:
         """Fetch new points of every run; returns whether anything changed. Raises on failure."""
         client = self.client
         if self.error is not None or not self._reached:
-            # A down server makes get_metrics retry for a minute; fail fast instead.
+            # A down server makes get_metrics retry for minutes; fail fast instead.
             client.require_reachable()
+        # A server that stops answering mid-poll is shown as an error within seconds; the
+        # poller's own backoff then keeps asking.
+        with client.retrying_for(READ_RETRY_S):
+            return self._fetch(client)
+
+    def _fetch(self, client: Any) -> bool:
         changed = False
         for run_id in self.runs:
             hist = self._histories.get(run_id)

@@ -27,7 +27,7 @@ from typing import Any
 from twinkle_client.interrupt import TrainingInterrupted, clear_stop, request_stop, stop_requested
 
 from .connection import one_line_error
-from .settings import DEFAULTS
+from .settings import DEFAULTS, READ_RETRY_S
 
 __all__ = ["TrainingInterrupted", "TwinkleSession", "get_session"]
 
@@ -389,7 +389,8 @@ def _any_active(plot: Any, ignore: set[str]) -> bool:
 
     try:
         client = current_client()
-        return any(client.get_training_run(r).status == "active" for r in plot.runs if r not in ignore)
+        with client.retrying_for(READ_RETRY_S):
+            return any(client.get_training_run(r).status == "active" for r in plot.runs if r not in ignore)
     except Exception:
         return False
 

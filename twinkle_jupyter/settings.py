@@ -12,10 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, make_dataclass
 from typing import Any
 
-__all__ = ["DEFAULTS", "MIN_POINTS", "SETTINGS", "X_AXES", "Defaults", "Setting", "check"]
+__all__ = ["DEFAULTS", "MIN_POINTS", "READ_RETRY_S", "SETTINGS", "X_AXES", "Defaults", "Setting", "check"]
 
 X_AXES = ("step", "time")
 """What a plot's x axis can show: optimizer steps, or time since each run's first step."""
+
+READ_RETRY_S = 5.0
+"""How long a live plot's background reads retry a server that stopped answering (training
+calls keep the client's own, longer ``retry_timeout``); the plot then shows the error and
+polls again with its backoff."""
 
 MIN_POINTS = 16
 """The fewest points a bounded series (and so ``max_points``) may keep: the first, the last,
