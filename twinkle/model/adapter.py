@@ -49,6 +49,10 @@ class AdapterState:
     last_grad_norm: float | None = None
     window_grad_norm: float | None = None
     """The gradient norm ``clip_grad_norm`` measured in the current (or just stepped) window."""
+    generator: torch.Generator | None = None
+    """The adapter's own random numbers (its LoRA dropout), saved with its training state."""
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    """The adapter's trainable weights, in a fixed order (optimizer, checkpoints)."""
 
     @property
     def loss_ignore_index(self) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import threading
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -25,7 +28,7 @@ from ..errors import (
     first_line,
 )
 from ..hub import canonical_model_id, resolve_model_dir, split_id
-from ..loss import Loss
+from ..loss import Loss, LossValue
 from ..paths import atomic_directory
 from ..processor import InputProcessor
 from ..protocol.api import ModelAPI
@@ -33,6 +36,7 @@ from ..protocol.names import check_adapter_name, check_checkpoint_name
 from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..registry import REGISTRY
 from ..template import Template
+from . import fused
 from .adapter import AdapterState, ComponentSpec
 from .lora_policy import PolicyLimits, check_lora_config
 
@@ -148,12 +152,19 @@ class MultiLoraTransformersModel(ModelAPI):
                     self._discard_partial_adapter(peft_name)
                     raise
             self._peft.to(self.device)
-            self._adapters[adapter_name] = AdapterState(
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            fused.install(self._peft, peft_name, generator)
+            state = AdapterState(
                 name=adapter_name,
                 peft_name=peft_name,
                 config=config,
                 gradient_accumulation_steps=gradient_accumulation_steps,
+                generator=generator,
             )
+            state.params = self._find_params(peft_name)
+            self._adapters[adapter_name] = state
+            self._settle_modes()
 
     def remove_adapter(self, adapter_name: str) -> None:
         with self._lock:
@@ -161,6 +172,7 @@ class MultiLoraTransformersModel(ModelAPI):
             assert self._peft is not None
             self._peft.delete_adapter(state.peft_name)
             del self._adapters[state.name]
+            self._settle_modes()
 
     def _check_lora_config(self, config: LoraConfig | dict[str, Any]) -> LoraConfig:
         """The accepted config (see ``lora_policy``): it keeps the adapter to its own low-rank weights."""
@@ -198,17 +210,28 @@ class MultiLoraTransformersModel(ModelAPI):
         except KeyError:
             raise NotFoundError(f"no adapter named {adapter_name!r} on this model") from None
 
-    def _activate(self, state: AdapterState) -> PeftModel:
-        assert self._peft is not None
-        if self._peft.active_adapter != state.peft_name:
-            self._peft.set_adapter(state.peft_name)
-        return self._peft
+    def _settle_modes(self) -> None:
+        """After peft added or removed an adapter: every adapter trainable, the base in eval mode.
 
-    def _params(self, state: AdapterState) -> list[torch.nn.Parameter]:
+        peft marks only its *active* adapter trainable; passes here train several at once. The
+        base model's own dropout stays off: it would draw from torch's global RNG, which every
+        tenant shares (adapters' dropout uses their own generators, see ``fused``).
+        """
+        if self._peft is None:
+            return
+        for state in self._adapters.values():
+            for param in state.params:
+                param.requires_grad_(True)
+        self._peft.eval()
+
+    def _find_params(self, peft_name: str) -> list[torch.nn.Parameter]:
         assert self._peft is not None
         # ".slot0." in a Linear layer's names, a trailing ".slot0" in an Embedding layer's
         # (lora_embedding_A is a ParameterDict).
-        return [p for n, p in self._peft.named_parameters() if state.peft_name in n.split(".")]
+        return [p for n, p in self._peft.named_parameters() if peft_name in n.split(".")]
+
+    def _params(self, state: AdapterState) -> list[torch.nn.Parameter]:
+        return state.params
 
     # -------------------------------------------------------------- components
 
@@ -252,7 +275,7 @@ class MultiLoraTransformersModel(ModelAPI):
 
     # ---------------------------------------------------------------- training
 
-    def _collate(self, state: AdapterState, inputs: Any) -> dict[str, torch.Tensor]:
+    def _collate(self, state: AdapterState, inputs: Any, need_labels: bool = False) -> dict[str, torch.Tensor]:
         if state.processor is None:
             state.processor = InputProcessor()
         if state.processor.pad_token_id is None:
@@ -269,7 +292,10 @@ class MultiLoraTransformersModel(ModelAPI):
             raise InvalidArgumentError(
                 f"labels contain {int(bad[0])}, outside the vocabulary of {self.vocab_size} (use -100 to ignore a token)"
             )
-        return {k: v.to(self.device) for k, v in batch.items()}
+        # A row's first label is never a target (each token predicts the next one).
+        if need_labels and not bool((labels[:, 1:] != state.loss_ignore_index).any()):
+            raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
+        return batch
 
     def _pad_token_id(self, state: AdapterState) -> int:
         if state.template is None:
@@ -277,77 +303,136 @@ class MultiLoraTransformersModel(ModelAPI):
         return int(state.template.pad_token_id)
 
     def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
-        with self._lock:
-            state = self._adapter(adapter_name)
-            if state.optimizer is None:
-                raise StateError(
-                    f"adapter {state.name!r} has no optimizer: call set_optimizer(...) before forward_backward"
-                )
-            batch = self._collate(state, inputs)
-            model = self._activate(state)
-            model.train()
-            if state.micro_in_window == 0:
-                state.window_grad_norm = None
-            try:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                value = state.loss(out.logits, batch["labels"])
-                if value.num_tokens == 0:
-                    raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
-                value.total.backward()
-            except torch.OutOfMemoryError:
-                self._reset_window(state)
-                raise CapacityError(
-                    "the batch does not fit in device memory; use a smaller batch or max_length "
-                    "(the current accumulation window was reset)"
-                ) from None
-            except InvalidArgumentError:
-                raise
-            except Exception:
-                # A backward that failed half way may have added to some gradients only.
-                self._reset_window(state)
-                raise
-            step_before = state.cur_step
-            state.micro_step += 1
-            state.micro_in_window += 1
-            state.tokens_in_window += value.num_tokens
-            state.consumed_train_samples += int(batch["input_ids"].shape[0])
-            state.last_loss = state.loss.report(value)
-            return ForwardBackwardOutput(
-                loss=state.last_loss,
-                num_tokens=value.num_tokens,
-                batch_size=int(batch["input_ids"].shape[0]),
-                step=step_before,
-                micro_step=state.micro_step,
-                accumulated=state.micro_in_window,
-                gradient_accumulation_steps=state.gradient_accumulation_steps,
-            )
+        return _one(self.forward_backward_many([(inputs, adapter_name)]))
 
     def forward_only(
         self, inputs: Any, *, adapter_name: str | None = None, return_logits: bool = False
     ) -> ForwardOutput:
-        with self._lock:
-            state = self._adapter(adapter_name)
-            batch = self._collate(state, inputs)
-            model = self._activate(state)
-            model.eval()
-            with torch.no_grad():
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                value = state.loss(out.logits, batch["labels"])
-            return ForwardOutput(
-                loss=state.loss.report(value) if value.num_tokens else None,
-                num_tokens=value.num_tokens,
-                logits=out.logits.detach().float().cpu() if return_logits else None,
-            )
+        return _one(self.forward_only_many([(inputs, adapter_name, return_logits)]))
 
-    def _reset_window(self, state: AdapterState) -> None:
-        for param in self._params(state):
-            param.grad = None
-        state.micro_in_window = 0
-        state.tokens_in_window = 0
-        state.grads_normalized = False
-        state.window_grad_norm = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    # ---------------------------------------------------------- fused passes
+
+    def forward_backward_many(
+        self, calls: Sequence[tuple[Any, str | None]]
+    ) -> list[ForwardBackwardOutput | Exception]:
+        """``forward_backward`` of several adapters' micro-batches in fused passes.
+
+        Returns, in order, each call's output or the exception it alone raised. Each adapter's
+        loss, gradients and counters are exactly those of the same call run alone; a call
+        whose input is bad fails alone, and a pass that fails changes no adapter's gradients.
+        """
+        with self._lock:
+            results: list[Any] = [None] * len(calls)
+            parts = []
+            for i, (inputs, adapter_name) in enumerate(calls):
+                try:
+                    state = self._adapter(adapter_name)
+                    if state.optimizer is None:
+                        raise StateError(
+                            f"adapter {state.name!r} has no optimizer: call set_optimizer(...) before forward_backward"
+                        )
+                    parts.append(_Part(i, state, self._collate(state, inputs, need_labels=True)))
+                except Exception as exc:
+                    results[i] = exc
+            for group in _passes(parts):
+                self._run_passes(group, train=True, results=results)
+            return results
+
+    def forward_only_many(
+        self, calls: Sequence[tuple[Any, str | None, bool]]
+    ) -> list[ForwardOutput | Exception]:
+        """``forward_only`` of several adapters' micro-batches (``(inputs, adapter_name,
+        return_logits)``) in fused passes; each call's output or exception, in order."""
+        with self._lock:
+            results: list[Any] = [None] * len(calls)
+            parts = []
+            for i, (inputs, adapter_name, return_logits) in enumerate(calls):
+                try:
+                    state = self._adapter(adapter_name)
+                    parts.append(_Part(i, state, self._collate(state, inputs), bool(return_logits)))
+                except Exception as exc:
+                    results[i] = exc
+            for group in _passes(parts):
+                self._run_passes(group, train=False, results=results)
+            return results
+
+    def _run_passes(self, parts: list[_Part], *, train: bool, results: list[Any]) -> None:
+        """One pass for ``parts``; if it fails, each part alone (so one part's trouble, such as
+        a batch too big for the device, is that part's error only)."""
+        drawn = [p.state.generator.get_state() for p in parts if p.state.generator is not None]
+        try:
+            outputs = self._pass(parts, train)
+        except Exception as exc:
+            # The parts run again (alone) or fail: either way as if this pass never drew.
+            for p, state in zip((p for p in parts if p.state.generator is not None), drawn, strict=True):
+                p.state.generator.set_state(state)
+            if len(parts) > 1:
+                for part in parts:
+                    self._run_passes([part], train=train, results=results)
+                return
+            if isinstance(exc, torch.OutOfMemoryError):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                exc = CapacityError(
+                    "the batch does not fit in device memory; use a smaller batch or max_length "
+                    "(nothing was added to the accumulation window)"
+                )
+            results[parts[0].index] = exc
+            return
+        for part, output in zip(parts, outputs, strict=True):
+            results[part.index] = output
+
+    def _pass(self, parts: list[_Part], train: bool) -> list[Any]:
+        assert self._peft is not None
+        packed = fused.pack([(p.state.peft_name, p.batch, p.state.loss_ignore_index) for p in parts], self.device)
+        spans = [(seg.start, seg.end) for seg in packed.segments]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fused.segments(packed.segments, dropout=train))
+            if not train:
+                stack.enter_context(torch.no_grad())
+            logits = self._peft(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+            values = [p.state.loss(logits[:, a:b], packed.labels[:, a:b]) for p, (a, b) in zip(parts, spans, strict=True)]
+        if not train:
+            return [
+                ForwardOutput(
+                    loss=p.state.loss.report(v) if v.num_tokens else None,
+                    num_tokens=v.num_tokens,
+                    logits=_unpack_logits(logits, rows, p.batch) if p.return_logits else None,
+                )
+                for p, v, rows in zip(parts, values, packed.rows, strict=True)
+            ]
+        params = [param for p in parts for param in p.state.params]
+        total = values[0].total
+        for v in values[1:]:
+            total = total + v.total
+        # Gradients are computed first and added to the adapters' own only once all exist: a
+        # pass that fails half way leaves every accumulation window as it was.
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+        return [self._count(p, v) for p, v in zip(parts, values, strict=True)]
+
+    def _count(self, part: _Part, value: LossValue) -> ForwardBackwardOutput:
+        state = part.state
+        if state.micro_in_window == 0:
+            state.window_grad_norm = None
+        step_before = state.cur_step
+        rows = int(part.batch["input_ids"].shape[0])
+        state.micro_step += 1
+        state.micro_in_window += 1
+        state.tokens_in_window += value.num_tokens
+        state.consumed_train_samples += rows
+        state.last_loss = state.loss.report(value)
+        return ForwardBackwardOutput(
+            loss=state.last_loss,
+            num_tokens=value.num_tokens,
+            batch_size=rows,
+            step=step_before,
+            micro_step=state.micro_step,
+            accumulated=state.micro_in_window,
+            gradient_accumulation_steps=state.gradient_accumulation_steps,
+        )
 
     def _normalize_grads(self, state: AdapterState) -> None:
         if state.grads_normalized:
@@ -471,7 +556,8 @@ class MultiLoraTransformersModel(ModelAPI):
                     if state.micro_in_window
                     else None
                 ),
-                "rng": ckpt.capture_rng_state(),
+                # The adapter's own generator (its dropout); torch's global RNG is every tenant's.
+                "generator": state.generator.get_state() if state.generator is not None else None,
             }
             ckpt.save_training_state(folder, training_state)
         ckpt.CheckpointMeta(
@@ -527,7 +613,9 @@ class MultiLoraTransformersModel(ModelAPI):
             grads = training_state["grads"]
             for param, grad in zip(self._params(state), grads or [None] * len(self._params(state)), strict=True):
                 param.grad = None if grad is None else grad.to(param.device, param.dtype)
-            ckpt.restore_rng_state(training_state["rng"])
+            saved = training_state.get("generator")
+            if saved is not None and state.generator is not None:
+                state.generator.set_state(saved)
 
     def _check_weights(self, state: AdapterState, weights: dict[str, torch.Tensor]) -> None:
         assert self._peft is not None
@@ -591,6 +679,50 @@ class MultiLoraTransformersModel(ModelAPI):
             return LOCAL.start(None, folder, str(folder), hub_model_id, hub_token).upload_id
         upload_folder(folder, hub_model_id, token=hub_token)
         return None
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Part:
+    """One call's micro-batch in a pass: its place in the caller's list, adapter, rows."""
+
+    index: int
+    state: AdapterState
+    batch: dict[str, torch.Tensor]
+    return_logits: bool = False
+
+
+def _passes(parts: list[_Part]) -> list[list[_Part]]:
+    """Parts in passes that hold each adapter once (two micro-batches of one adapter run in
+    order: the first may end its accumulation window)."""
+    passes: list[list[_Part]] = []
+    for part in parts:
+        for group in passes:
+            if all(p.state is not part.state for p in group):
+                group.append(part)
+                break
+        else:
+            passes.append([part])
+    # A later pass may only take an adapter's second call after its first: keep passes in order.
+    return passes
+
+
+def _one(results: list[T | Exception]) -> T:
+    (result,) = results
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _unpack_logits(logits: torch.Tensor, rows: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A part's logits in its batch's padded layout (padding positions hold 0: never computed)."""
+    mask = batch["attention_mask"].bool()
+    out = torch.zeros((*mask.shape, logits.shape[-1]), dtype=torch.float32)
+    for r, (offset, n) in enumerate(rows):
+        out[r, mask[r]] = logits[0, offset:offset + n].detach().float().cpu()
+    return out
 
 
 def _uses_conv1d(model: torch.nn.Module) -> bool:

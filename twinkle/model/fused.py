@@ -1,0 +1,175 @@
+"""One pass over the shared base model for the micro-batches of several adapters.
+
+Rows are packed into one sequence without padding: each row's position ids start at 0,
+which transformers turns into a block-diagonal causal mask (sdpa, eager) or variable-length
+attention (flash-attention), so no row sees another and no padding token is computed. The
+rows of one adapter are contiguous (a *segment*); every LoRA layer runs the frozen base
+layer once over the whole pass and adds each segment's own low-rank update, so there is no
+``set_adapter`` switching and no weight copy. An adapter's dropout draws from its own
+generator (``AdapterDropout``), never from torch's global RNG that other tenants share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners import lora
+from torch import nn
+
+__all__ = ["AdapterDropout", "Packed", "Segment", "install", "pack", "segments"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens ``[start, end)`` of a pass belong to the adapter named ``adapter`` (peft's name)."""
+
+    start: int
+    end: int
+    adapter: str
+
+
+class _Active(threading.local):
+    segments: tuple[Segment, ...] | None = None
+    dropout: bool = False
+
+
+_ACTIVE = _Active()
+
+
+@contextlib.contextmanager
+def segments(parts: Sequence[Segment], *, dropout: bool) -> Iterator[None]:
+    """Within the block, LoRA layers apply each segment's adapter to its tokens only, with
+    the adapters' dropout on (training) or off."""
+    previous = (_ACTIVE.segments, _ACTIVE.dropout)
+    _ACTIVE.segments, _ACTIVE.dropout = tuple(parts), dropout
+    try:
+        yield
+    finally:
+        _ACTIVE.segments, _ACTIVE.dropout = previous
+
+
+class AdapterDropout(nn.Module):
+    """peft's LoRA dropout with the adapter's own generator; on only inside a training pass."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _ACTIVE.dropout or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+
+def install(model: nn.Module, adapter: str, generator: torch.Generator) -> None:
+    """Give ``adapter``'s layers its generator-driven dropout, and route every LoRA layer's
+    forward through the segment-wise one (idempotent; call after each adapter is added)."""
+    for module in model.modules():
+        if isinstance(module, lora.Linear) and adapter in module.lora_dropout:
+            old = module.lora_dropout[adapter]
+            p = old.p if isinstance(old, nn.Dropout) else 0.0
+            module.lora_dropout[adapter] = AdapterDropout(p, generator)
+        if isinstance(module, lora.Linear | lora.Embedding) and "forward" not in module.__dict__:
+            forward = _linear_forward if isinstance(module, lora.Linear) else _embedding_forward
+            module.forward = forward.__get__(module)  # an instance attribute: nn.Module calls it
+
+
+def _linear_forward(self: lora.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    parts = _ACTIVE.segments
+    if parts is None:  # outside a twinkle pass (e.g. plain peft use of the same model)
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    pieces = []
+    for seg in parts:
+        base = result[:, seg.start:seg.end]
+        if seg.adapter not in self.lora_A:
+            pieces.append(base)
+            continue
+        xs = self._cast_input_dtype(x[:, seg.start:seg.end], self.lora_A[seg.adapter].weight.dtype)
+        if seg.adapter in self.lora_variant:  # DoRA: peft's own code on this segment
+            pieces.append(self.lora_variant[seg.adapter].forward(self, active_adapter=seg.adapter, x=xs, result=base))
+        else:
+            a, b = self.lora_A[seg.adapter], self.lora_B[seg.adapter]
+            pieces.append(base + b(a(self.lora_dropout[seg.adapter](xs))) * self.scaling[seg.adapter])
+    return _join(pieces, result).to(dtype)
+
+
+def _embedding_forward(self: lora.Embedding, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    parts = _ACTIVE.segments
+    if parts is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    scale = self._get_embed_scale()
+    pieces = []
+    for seg in parts:
+        base = result[:, seg.start:seg.end]
+        if seg.adapter not in self.lora_embedding_A:
+            pieces.append(base)
+            continue
+        xs = x[:, seg.start:seg.end]
+        if seg.adapter in self.lora_variant:
+            pieces.append(self.lora_variant[seg.adapter].forward(self, active_adapter=seg.adapter, x=xs, result=base))
+            continue
+        after_a = self._embed(xs, self.lora_embedding_A[seg.adapter].T)
+        delta = (after_a @ self.lora_embedding_B[seg.adapter].T) * self.scaling[seg.adapter]
+        if scale is not None:
+            delta = delta * scale.to(delta.dtype)
+        pieces.append(base + delta)
+    return _join(pieces, result).to(dtype)
+
+
+def _join(pieces: list[torch.Tensor], whole: torch.Tensor) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 and pieces[0].shape == whole.shape else torch.cat(pieces, dim=1)
+
+
+@dataclass
+class Packed:
+    """The rows of several micro-batches as one unpadded sequence (batch dimension 1)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    """Each row's labels, its first one set to the ignore index: the loss's shift by one then
+    never pairs the last token of a row with the first of the next."""
+    segments: list[Segment]
+    rows: list[list[tuple[int, int]]]
+    """For each micro-batch, its rows as (offset in the pass, length)."""
+
+
+def pack(batches: Sequence[tuple[str, dict[str, torch.Tensor], int]], device: torch.device) -> Packed:
+    """Pack ``(peft adapter name, collated batch, ignore index)`` micro-batches, in order."""
+    ids, pos, labels, segs, rows = [], [], [], [], []
+    offset = 0
+    for adapter, batch, ignore in batches:
+        start = offset
+        spans = []
+        mask = batch["attention_mask"].bool()
+        for r in range(batch["input_ids"].shape[0]):
+            keep = mask[r]
+            row_ids = batch["input_ids"][r][keep]
+            row_labels = batch["labels"][r][keep].clone()
+            n = int(row_ids.numel())
+            row_labels[:1] = ignore
+            ids.append(row_ids)
+            labels.append(row_labels)
+            pos.append(torch.arange(n, device=row_ids.device))
+            spans.append((offset, n))
+            offset += n
+        segs.append(Segment(start, offset, adapter))
+        rows.append(spans)
+    return Packed(
+        input_ids=torch.cat(ids).unsqueeze(0).to(device),
+        position_ids=torch.cat(pos).unsqueeze(0).to(device),
+        labels=torch.cat(labels).unsqueeze(0).to(device),
+        segments=segs,
+        rows=rows,
+    )
