@@ -1,12 +1,13 @@
 """One pass over the shared base model for the micro-batches of several adapters.
 
-Rows are packed into one sequence without padding: each row's position ids start at 0,
-which transformers turns into a block-diagonal causal mask (sdpa, eager) or variable-length
-attention (flash-attention), so no row sees another and no padding token is computed. The
-rows of one adapter are contiguous (a *segment*); every LoRA layer runs the frozen base
-layer once over the whole pass and adds each segment's own low-rank update, so there is no
-``set_adapter`` switching and no weight copy. An adapter's dropout draws from its own
-generator (``AdapterDropout``), never from torch's global RNG that other tenants share.
+Rows are packed into one sequence without padding: each row's position ids start at 0, and
+the model's attention (``ROWS_ATTENTION``, registered with transformers) runs causal sdpa on
+each row alone, so no row sees another, no padding token is computed, and a row's result
+does not depend on which rows share its pass (float sums keep their order). The rows of one
+adapter are contiguous (a *segment*); every LoRA layer runs the frozen base layer once over
+the whole pass and adds each segment's own low-rank update, so there is no ``set_adapter``
+switching and no weight copy. An adapter's dropout draws from its own generator
+(``AdapterDropout``), never from torch's global RNG that other tenants share.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
-__all__ = ["AdapterDropout", "Packed", "Segment", "install", "pack", "segments"]
+__all__ = ["ROWS_ATTENTION", "AdapterDropout", "Packed", "Segment", "install", "pack", "segments"]
+
+ROWS_ATTENTION = "twinkle_rows"
+"""The attention implementation a served model uses (see ``use_rows_attention``)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Segment:
 
 class _Active(threading.local):
     segments: tuple[Segment, ...] | None = None
+    rows: tuple[tuple[int, int], ...] = ()
     dropout: bool = False
 
 
@@ -42,15 +47,41 @@ _ACTIVE = _Active()
 
 
 @contextlib.contextmanager
-def segments(parts: Sequence[Segment], *, dropout: bool) -> Iterator[None]:
-    """Within the block, LoRA layers apply each segment's adapter to its tokens only, with
-    the adapters' dropout on (training) or off."""
-    previous = (_ACTIVE.segments, _ACTIVE.dropout)
-    _ACTIVE.segments, _ACTIVE.dropout = tuple(parts), dropout
+def segments(packed: Packed, *, dropout: bool) -> Iterator[None]:
+    """Within the block, LoRA layers apply each segment's adapter to its tokens only (with the
+    adapters' dropout on for training), and attention keeps to each row."""
+    previous = (_ACTIVE.segments, _ACTIVE.rows, _ACTIVE.dropout)
+    _ACTIVE.segments = tuple(packed.segments)
+    _ACTIVE.rows = tuple(span for spans in packed.rows for span in spans if span[1])
+    _ACTIVE.dropout = dropout
     try:
         yield
     finally:
-        _ACTIVE.segments, _ACTIVE.dropout = previous
+        _ACTIVE.segments, _ACTIVE.rows, _ACTIVE.dropout = previous
+
+
+def _rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal sdpa on each packed row alone (outside a pass: over the whole sequence)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = _ACTIVE.rows if _ACTIVE.segments is not None else ()
+    if not rows:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outs = [
+        sdpa_attention_forward(module, query[:, :, a:a + n], key[:, :, a:a + n], value[:, :, a:a + n], None, **kwargs)[0]
+        for a, n in rows
+    ]
+    return torch.cat(outs, dim=1), None
+
+
+def use_rows_attention(model: nn.Module) -> None:
+    """Make ``model`` attend row by row in twinkle passes (registers the implementation once)."""
+    from transformers import AttentionInterface
+
+    if ROWS_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
+    model.set_attn_implementation(ROWS_ATTENTION)
 
 
 class AdapterDropout(nn.Module):

@@ -83,6 +83,7 @@ class MultiLoraTransformersModel(ModelAPI):
         self.model_dir = resolve_model_dir(model_id)
         base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
         base.to(self.device)
+        fused.use_rows_attention(base)
         for param in base.parameters():
             param.requires_grad_(False)
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
@@ -387,7 +388,7 @@ class MultiLoraTransformersModel(ModelAPI):
         packed = fused.pack([(p.state.peft_name, p.batch, p.state.loss_ignore_index) for p in parts], self.device)
         spans = [(seg.start, seg.end) for seg in packed.segments]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(fused.segments(packed.segments, dropout=train))
+            stack.enter_context(fused.segments(packed, dropout=train))
             if not train:
                 stack.enter_context(torch.no_grad())
             logits = self._peft(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
