@@ -4,7 +4,8 @@
                          [--max-r R] [--idle-timeout S] [--header-timeout S] [--allow-local-data]
                          [--max-loras-per-user N] [--max-objects-per-user N]
                          [--data-threads N] [--data-threads-per-user N]
-                         [--max-tokens-per-call N] [--max-uploads N] [--max-uploads-per-user N]
+                         [--max-tokens-per-call N] [--fuse-tokens N]
+                         [--max-uploads N] [--max-uploads-per-user N]
     twinkle-server users add NAME      # prints the new key as the last line, once
     twinkle-server users list
     twinkle-server users revoke NAME
@@ -70,6 +71,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -121,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-tokens-per-call", type=_positive_int, metavar="N", default=d["max_tokens_per_call"].default,
                         help="padded tokens (rows x longest row) one forward_backward/forward_only may carry "
                              "(default %(default)s)")
+    limits.add_argument("--fuse-tokens", type=_non_negative_int, metavar="N", default=d["fuse_tokens"].default,
+                        help="tokens one device pass may gather from several users' forward_backward/forward_only "
+                             "calls (fused multi-LoRA); 0 runs each call alone (default %(default)s)")
     limits.add_argument("--max-uploads", type=_positive_int, metavar="N", default=d["max_uploads"].default,
                         help="hub uploads running at once; later ones wait (default %(default)s)")
     limits.add_argument("--max-uploads-per-user", type=_positive_int, metavar="N", default=d["max_uploads_per_user"].default,
@@ -253,6 +264,7 @@ def serve(args: argparse.Namespace) -> None:
         data_threads=args.data_threads,
         data_threads_per_user=args.data_threads_per_user,
         max_tokens_per_call=args.max_tokens_per_call,
+        fuse_tokens=args.fuse_tokens,
         max_uploads=args.max_uploads,
         max_uploads_per_user=args.max_uploads_per_user,
     )

@@ -6,8 +6,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from twinkle.hub import HubCredentials, hub_credentials
 from twinkle.model import MultiLoraTransformersModel
@@ -21,7 +21,7 @@ from .objects import ObjectRegistry, Reaper, RemoteObject
 from .runs import RunBook
 from .settings import Settings
 from .store import Store
-from .worker import DeviceWorker, FairExecutor
+from .worker import DeviceWorker, FairExecutor, Fusable
 
 T = TypeVar("T")
 log = logging.getLogger("twinkle_server")
@@ -35,7 +35,8 @@ class ServerContext:
     store: Store
     model: MultiLoraTransformersModel
     dtype: str
-    worker: DeviceWorker = field(default_factory=DeviceWorker)
+    worker: DeviceWorker = field(init=False)
+    """The device thread; gathers waiting calls of several users into fused passes."""
     uploads: UploadJobs = field(init=False)
     """Background hub uploads, capped by ``settings.max_uploads`` and ``max_uploads_per_user``."""
     objects: ObjectRegistry = field(init=False)
@@ -48,6 +49,7 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         settings = self.settings
+        self.worker = DeviceWorker(fuse_tokens=settings.fuse_tokens)
         self.uploads = UploadJobs(settings.max_uploads, settings.max_uploads_per_user,
                                   limit_note=", set by twinkle-server serve --max-uploads-per-user")
         self.objects = ObjectRegistry(settings.idle_timeout, settings.max_objects_per_user)
@@ -75,6 +77,23 @@ class ServerContext:
     def error_info(self, exc: BaseException, request_id: str | None, *, call: str | None = None) -> ErrorInfo:
         """What a client reads of ``exc`` (see ``ErrorScrubber``)."""
         return self.scrubber.info(exc, request_id, call=call)
+
+    async def run_fusable(self, user_id: int, fusable: Fusable, hub: HubCredentials | None = None) -> Any:
+        """A model call that may share a device pass with other users' calls (see ``Fusable``);
+        its own parts run with the user's hub credentials, as ``run`` does."""
+        credentials = hub or HubCredentials()
+        begin, end = fusable.begin, fusable.end
+
+        def begin_as_user() -> Any:
+            with hub_credentials(credentials):
+                return begin()
+
+        def end_as_user(prepared: Any, outcome: Any) -> Any:
+            with hub_credentials(credentials):
+                return end(prepared, outcome)
+
+        mine = replace(fusable, begin=begin_as_user, end=end_as_user)
+        return await asyncio.wrap_future(self.worker.submit(user_id, fusable=mine))
 
     async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T],
                   hub: HubCredentials | None = None) -> T:

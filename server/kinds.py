@@ -24,6 +24,7 @@ from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError, StateError
 from twinkle.hub import canonical_model_id
 from twinkle.model import MultiLoraTransformersModel
+from twinkle.protocol import codec
 from twinkle.protocol.api import (
     API_BY_KIND,
     DATALOADER,
@@ -158,23 +159,23 @@ def _same_setting(name: str, value: Any, model: MultiLoraTransformersModel, serv
 
 
 def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, Any], settings: Settings,
-                    vocab_size: int) -> None:
+                    vocab_size: int) -> int:
     """Refuse a model call whose ``inputs`` hold more than ``max_tokens_per_call`` padded tokens
     (rows x longest row, what the device computes on), or whose reply would carry more logits
     than one message may (``return_logits``: tokens x vocabulary), before it is queued.
 
     Reads the arguments as they travelled (packed arrays carry their shape), so nothing is
     decoded for a call that is refused; forms it does not recognise count as nothing (the
-    model's input processor refuses them).
+    model's input processor refuses them). Returns the padded token count (0 when none).
     """
     if kind != "model":
-        return
+        return 0
     try:
         a = MODEL.method(method).signature.bind(None, *args, **kwargs).arguments
     except (InvalidArgumentError, TypeError):
-        return  # reported by the call itself
+        return 0  # reported by the call itself
     if "inputs" not in a:
-        return
+        return 0
     rows, length = _token_shape(a["inputs"])
     tokens = rows * length
     most = settings.max_tokens_per_call
@@ -190,14 +191,12 @@ def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, A
             f"{tokens * vocab_size * 4 >> 20} MiB, more than one reply may carry ({MAX_BODY_BYTES >> 20} MiB); "
             "send fewer rows per call with return_logits=True"
         )
-
-
-_ND = "__nd__"
+    return tokens
 
 
 def _shape(value: Any) -> list[int] | None:
     """The shape of a packed array as sent, or None if ``value`` is not one (or is malformed)."""
-    if not isinstance(value, dict) or _ND not in value:
+    if not isinstance(value, dict) or codec.ND_KEY not in value:
         return None
     shape = value.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0

@@ -104,18 +104,38 @@ class ModelHandle:
              request_id: str | None = None) -> tuple[Any, str | None]:
         """Run one remote call and record its effects; returns its value and the run its adapter
         trains afterwards."""
-        self.request_id = request_id
-        spec = MODEL.method(method)
-        call = _Call(spec, spec.bind(args, kwargs), None, {})
-        prepare, run, record = _EFFECTS.get(spec.effect, _PLAIN)
+        call = self.begin(method, args, kwargs, request_id=request_id)
+        run = _EFFECTS.get(call.spec.effect, _PLAIN)[1]
         try:
-            self._translate(call)
-            prepare(self, call)
             value = run(self, call)
         except TwinkleError as err:
             err.aliases.update(call.aliases)  # the scrubber shows the user's names
             raise
-        record(self, call, value)
+        return self.end(call, value)
+
+    def begin(self, method: str, args: list[Any], kwargs: dict[str, Any], *,
+              request_id: str | None = None) -> _Call:
+        """A call bound, translated to the server's names and prepared, not run yet."""
+        self.request_id = request_id
+        spec = MODEL.method(method)
+        call = _Call(spec, spec.bind(args, kwargs), None, {})
+        try:
+            self._translate(call)
+            _EFFECTS.get(spec.effect, _PLAIN)[0](self, call)
+        except TwinkleError as err:
+            err.aliases.update(call.aliases)
+            raise
+        return call
+
+    def end(self, call: _Call, outcome: Any) -> tuple[Any, str | None]:
+        """Record what a call that ran did; returns its value as the caller gets it and the run
+        its adapter trains afterwards (``outcome``: the library's value, or its exception)."""
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, TwinkleError):
+                outcome.aliases.update(call.aliases)
+            raise outcome
+        value = outcome
+        _EFFECTS.get(call.spec.effect, _PLAIN)[2](self, call, value)
         link = call.link
         if link is not None and self.links.get(link.name) is link:
             self._record(f"the progress of run {link.run_id}", self._sync, link)
@@ -366,6 +386,15 @@ class ModelHandle:
             )
         job = self.book.uploads.start(self.user.id, folder, label, a["hub_model_id"], a["hub_token"])
         return job.upload_id
+
+
+def run_together(model: MultiLoraTransformersModel, calls: list[_Call]) -> list[Any]:
+    """Begun calls of one fused method (several handles' adapters) as the library's fused
+    passes; each call's value or exception, in order."""
+    spec = calls[0].spec
+    assert spec.fused and all(c.spec is spec for c in calls)
+    many = getattr(model, f"{spec.name}_many")
+    return many([tuple(c.a[p.name] for p in spec.parameters) for c in calls])
 
 
 def _checkpoint_of(call: _Call) -> tuple[str, str, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from twinkle.errors import ConflictError, InvalidArgumentError, NotFoundError, ServerError, TwinkleError
 from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
-from twinkle.protocol.api import API_BY_KIND, NEXT_BATCHES, START_EPOCH
+from twinkle.protocol.api import API_BY_KIND, MODEL, NEXT_BATCHES, START_EPOCH
 from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
 from twinkle.protocol.wire import (
     Call,
@@ -45,10 +46,11 @@ from .kinds import (
     create_dataloader,
     create_dataset,
 )
-from .model_handle import ModelHandle
+from .model_handle import ModelHandle, run_together
 from .objects import RemoteObject, new_object_id
 from .store import User
 from .wire import read_body, respond, respond_off_loop
+from .worker import Fusable
 
 router = APIRouter(tags=["objects"])
 log = logging.getLogger("twinkle_server.objects")
@@ -278,28 +280,46 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
                    request_id: str | None, hub: HubCredentials) -> CallResult:
     method = call.method
 
-    def work() -> Any:
+    def decode() -> tuple[list[Any], dict[str, Any]]:
         def resolve(ref: str) -> Any:
             return ctx.objects.resolve(user.id, ref)
 
         args = codec.from_wire(call.args, resolve)
         kwargs = codec.from_wire(call.kwargs, resolve)
         _check_call_types(obj.kind, method, args, kwargs)
-        run_id = None
-        if obj.kind == "model":
-            value, run_id = obj.instance.call(method, args, kwargs, request_id=request_id)
-        else:
-            value = call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings)
+        return args, kwargs
+
+    def encode(value: Any, run_id: str | None) -> tuple[Any, str | None]:
         try:
             return codec.to_wire(value), run_id
         except TwinkleError as exc:
             # The call ran; a result we cannot send is our bug, not the caller's bad argument.
             raise ServerError(f"result of {method} cannot be sent: {exc}") from exc
 
+    def work() -> Any:
+        args, kwargs = decode()
+        if obj.kind == "model":
+            return encode(*obj.instance.call(method, args, kwargs, request_id=request_id))
+        return encode(call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings), None)
+
+    def begin() -> Any:
+        args, kwargs = decode()
+        return obj.instance.begin(method, args, kwargs, request_id=request_id)
+
+    def end(prepared: Any, outcome: Any) -> Any:
+        return encode(*obj.instance.end(prepared, outcome))
+
     try:
         check_method(obj.kind, method)
-        check_call_size(obj.kind, method, call.args, call.kwargs, ctx.settings, ctx.model.vocab_size)  # before it is queued
-        value, run_id = await ctx.run(obj.kind, user.id, work, hub)
+        tokens = check_call_size(obj.kind, method, call.args, call.kwargs, ctx.settings,
+                                 ctx.model.vocab_size)  # before it is queued
+        if obj.kind == "model" and MODEL.method(method).fused:
+            # Calls of several users may share one device pass (see server.worker).
+            fusable = Fusable(group=method, tokens=tokens, begin=begin, end=end,
+                              together=partial(run_together, ctx.model))
+            value, run_id = await ctx.run_fusable(user.id, fusable, hub)
+        else:
+            value, run_id = await ctx.run(obj.kind, user.id, work, hub)
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
     return CallResult(seq=call.seq, ok=True, value=value, training_run_id=run_id)

@@ -46,6 +46,9 @@ class Settings:
     """Data threads one user may occupy at once: the others keep serving the other users."""
     max_tokens_per_call: int = 16384
     """Padded tokens (batch rows x longest row) one forward_backward/forward_only may carry."""
+    fuse_tokens: int = 32768
+    """Most (padded) tokens one fused device pass gathers from several users' calls; 0 runs
+    every call alone (time-sharing)."""
     max_uploads: int = 4
     """Hub uploads running at once on the server; later ones wait (status 'queued')."""
     max_uploads_per_user: int = 2

@@ -6,6 +6,13 @@ busy user from starving the others, each user has a FIFO queue and the worker se
 users round-robin: one call from the user at the head of the line, then that user goes to
 the back if it has more work. A user's own calls keep their order.
 
+Calls that can share a device pass (``Fusable``: forward_backward or forward_only of
+different users' adapters) are gathered when the worker takes one: the call of the user at
+the head of the line, then the first waiting call of each next user in line whose call is
+of the same kind, while the pass stays within ``fuse_tokens``. Each user adds at most one
+call to a pass and goes to the back of the line like any other, so fusing keeps the round
+robin; nothing waits for company (a lone tenant runs at once).
+
 The data threads are served the same way, with one more rule: a user may run at most
 ``per_key`` calls at once (``--data-threads-per-user``). A slow dataset build of one user
 (a hub download) then holds only that user's share of the threads; the others keep serving
@@ -19,6 +26,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twinkle.errors import TransportError
@@ -31,17 +39,42 @@ class WorkerStopped(TransportError):
     """The worker was shut down; no more calls are accepted (the client may retry elsewhere)."""
 
 
+@dataclass
+class Fusable:
+    """A call that may share one device pass with others of the same ``group``.
+
+    ``begin()`` prepares it (raising: this call's error); ``together(prepared)`` runs several
+    prepared calls as one pass and returns each one's value or exception; ``end(prepared,
+    outcome)`` records it and gives the call's result (raising: its error).
+    """
+
+    group: Hashable
+    tokens: int
+    begin: Callable[[], Any]
+    together: Callable[[list[Any]], list[Any]]
+    end: Callable[[Any, Any], Any]
+
+
+_Item = tuple[Future[Any], Callable[[], Any] | None, Fusable | None]
+
+
 class FairExecutor:
     """``threads`` threads running submitted functions, round-robin across queue keys (users),
     with at most ``per_key`` functions of one key running at once (None: no such cap)."""
 
-    def __init__(self, threads: int = 1, per_key: int | None = None, name: str = "twinkle-worker") -> None:
+    def __init__(self, threads: int = 1, per_key: int | None = None, name: str = "twinkle-worker",
+                 fuse_tokens: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if per_key is not None and per_key < 1:
             raise ValueError(f"per_key must be >= 1 or None, got {per_key}")
         self.per_key = per_key
-        self._queues: dict[Hashable, deque[tuple[Future[Any], Callable[[], Any]]]] = {}
+        self.fuse_tokens = fuse_tokens
+        """Most tokens one fused pass gathers (0: every call runs alone)."""
+        self.passes = 0
+        self.fused_calls = 0
+        """Device passes that ran fusable calls, and the calls they ran (for ``/server`` and benchmarks)."""
+        self._queues: dict[Hashable, deque[_Item]] = {}
         self._order: deque[Hashable] = deque()
         """Keys with queued calls, in the order they are served."""
         self._running: dict[Hashable, int] = {}
@@ -60,8 +93,11 @@ class FairExecutor:
         """True when called from one of this executor's threads."""
         return threading.current_thread() in self._threads
 
-    def submit(self, key: Hashable, fn: Callable[[], T]) -> Future[T]:
-        """Queue ``fn`` behind ``key``'s earlier calls; the future holds its result or exception."""
+    def submit(self, key: Hashable, fn: Callable[[], T] | None = None, *, fusable: Fusable | None = None) -> Future[T]:
+        """Queue ``fn`` (or a ``fusable`` call) behind ``key``'s earlier calls; the future holds
+        its result or exception."""
+        if (fn is None) == (fusable is None):
+            raise ValueError("submit takes fn or fusable, not both")
         future: Future[T] = Future()
         with self._cv:
             if self._stopping:
@@ -70,7 +106,7 @@ class FairExecutor:
             if queue is None:
                 queue = self._queues[key] = deque()
                 self._order.append(key)
-            queue.append((future, fn))
+            queue.append((future, fn, fusable))
             self._cv.notify_all()
         return future
 
@@ -95,7 +131,7 @@ class FairExecutor:
             self._queues.clear()
             self._order.clear()
             self._cv.notify_all()
-        for future, _ in dropped:
+        for future, _, _ in dropped:
             future.cancel()
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -108,7 +144,20 @@ class FairExecutor:
                 return i
         return None
 
-    def _next(self) -> tuple[Hashable, Future[Any], Callable[[], Any]] | None:
+    def _take(self, i: int) -> tuple[Hashable, _Item]:
+        """Pop the head call of the key at ``_order[i]``; the key goes to the back of the line."""
+        key = self._order[i]
+        del self._order[i]
+        queue = self._queues[key]
+        item = queue.popleft()
+        if queue:
+            self._order.append(key)  # round-robin: back of the line
+        else:
+            del self._queues[key]
+        self._running[key] = self._running.get(key, 0) + 1
+        return key, item
+
+    def _next(self) -> list[tuple[Hashable, _Item]] | None:
         with self._cv:
             while True:
                 if self._stopping:
@@ -117,16 +166,28 @@ class FairExecutor:
                 if i is not None:
                     break
                 self._cv.wait()
-            key = self._order[i]
-            del self._order[i]
-            queue = self._queues[key]
-            future, fn = queue.popleft()
-            if queue:
-                self._order.append(key)  # round-robin: back of the line
-            else:
-                del self._queues[key]
-            self._running[key] = self._running.get(key, 0) + 1
-            return key, future, fn
+            taken = [self._take(i)]
+            first = taken[0][1][2]
+            if first is None or not self.fuse_tokens:
+                return taken
+            tokens = first.tokens
+            j = 0
+            while j < len(self._order):
+                key = self._order[j]
+                head = self._queues[key][0][2]
+                joins = (
+                    key != taken[0][0] and all(key != k for k, _ in taken)
+                    and (self.per_key is None or self._running.get(key, 0) < self.per_key)
+                    and head is not None and head.group == first.group
+                    and tokens + head.tokens <= self.fuse_tokens
+                )
+                if joins:
+                    assert head is not None
+                    tokens += head.tokens
+                    taken.append(self._take(j))  # removes _order[j]; the same j is the next key
+                else:
+                    j += 1
+            return taken
 
     def _done(self, key: Hashable) -> None:
         with self._cv:
@@ -139,28 +200,53 @@ class FairExecutor:
 
     def _run(self) -> None:
         while True:
-            item = self._next()
-            if item is None:
+            taken = self._next()
+            if taken is None:
                 return
-            key, future, fn = item
             try:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    result = fn()
-                except BaseException as exc:  # handed to the waiter, which decides how to report it
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+                live = [item for _, item in taken if item[0].set_running_or_notify_cancel()]
+                if len(live) == 1 and live[0][1] is not None:
+                    _settle(live[0][0], live[0][1])
+                elif live:
+                    self._run_fused(live)
             finally:
-                self._done(key)
+                for key, _ in taken:
+                    self._done(key)
+
+    def _run_fused(self, items: list[_Item]) -> None:
+        begun: list[tuple[Future[Any], Fusable, Any]] = []
+        for future, _, fusable in items:
+            assert fusable is not None
+            try:
+                begun.append((future, fusable, fusable.begin()))
+            except BaseException as exc:  # this call's own error (bad argument, unknown adapter)
+                future.set_exception(exc)
+        if not begun:
+            return
+        try:
+            outcomes = begun[0][1].together([prepared for _, _, prepared in begun])
+        except BaseException as exc:  # the pass itself failed: every call in it gets the error
+            outcomes = [exc] * len(begun)
+        self.passes += 1
+        self.fused_calls += len(begun)
+        for (future, fusable, prepared), outcome in zip(begun, outcomes, strict=True):
+            _settle(future, lambda fusable=fusable, prepared=prepared, outcome=outcome: fusable.end(prepared, outcome))
+
+
+def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:  # handed to the waiter, which decides how to report it
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class DeviceWorker(FairExecutor):
     """The single thread that runs model calls, fair across users."""
 
-    def __init__(self, name: str = "twinkle-device") -> None:
-        super().__init__(threads=1, per_key=None, name=name)
+    def __init__(self, name: str = "twinkle-device", fuse_tokens: int = 0) -> None:
+        super().__init__(threads=1, per_key=None, name=name, fuse_tokens=fuse_tokens)
 
     @property
     def thread(self) -> threading.Thread:

@@ -217,3 +217,15 @@ def test_forward_only_of_several_adapters_in_one_pass(tmp_path) -> None:
         one = model.forward_only(inputs=t.batch(3), adapter_name=t.name, return_logits=True)
         assert math.isclose(out.loss, one.loss, rel_tol=RTOL) and out.num_tokens == one.num_tokens
         torch.testing.assert_close(out.logits, one.logits, rtol=RTOL, atol=1e-5)
+
+
+def test_adapters_come_and_go_between_passes(tmp_path) -> None:
+    a, b, c = tenants(3)
+    model = new_model(tmp_path, a, b)
+    model.remove_adapter(a.name)  # the adapter peft had active
+    outs = model.forward_backward_many([(b.batch(0), b.name)])
+    assert not isinstance(outs[0], Exception), outs[0]
+    model.remove_adapter(b.name)
+    add(model, c, c.name)
+    ref, _ = alone(tmp_path, c)
+    assert math.isclose(model.forward_backward(inputs=c.batch(0), adapter_name=c.name).loss, ref.losses[0], rel_tol=RTOL)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from twinkle_server.store import MIGRATIONS, Store
-from twinkle_server.worker import DeviceWorker, WorkerStopped
+from twinkle_server.worker import DeviceWorker, Fusable, WorkerStopped
 
 from twinkle.protocol import codec
 
@@ -39,6 +39,51 @@ def test_worker_serves_users_round_robin_and_in_order() -> None:
         worker.stop()
     with pytest.raises(WorkerStopped):
         worker.submit("a", lambda: None)
+
+
+def test_worker_fuses_one_waiting_call_per_user_within_the_token_budget() -> None:
+    worker = DeviceWorker(fuse_tokens=100)
+    gate = threading.Event()
+    passes: list[list[str]] = []
+    order: list[str] = []
+
+    def fusable(label: str, tokens: int, group: str = "forward_backward", fail: bool = False) -> Fusable:
+        def begin() -> str:
+            if fail:
+                raise ValueError(f"{label}: bad input")
+            return label
+
+        def together(prepared: list[str]) -> list[object]:
+            passes.append(list(prepared))
+            return [f"ran {p}" for p in prepared]
+
+        return Fusable(group=group, tokens=tokens, begin=begin, together=together,
+                       end=lambda prepared, outcome: (order.append(prepared), outcome)[1])
+
+    try:
+        blocker = worker.submit("x", gate.wait)
+        futures = {
+            "a1": worker.submit("a", fusable=fusable("a1", 40)),
+            "a2": worker.submit("a", fusable=fusable("a2", 40)),
+            "b1": worker.submit("b", fusable=fusable("b1", 40)),
+            "c1": worker.submit("c", fusable=fusable("c1", 40)),  # over the budget with a1 + b1
+            "d1": worker.submit("d", fusable=fusable("d1", 10, group="forward_only")),
+            "e1": worker.submit("e", fusable=fusable("e1", 10, fail=True)),
+            "f1": worker.submit("f", lambda: order.append("f1") or "plain"),
+        }
+        gate.set()
+        blocker.result(5)
+        results = {k: f.exception(5) or f.result(5) for k, f in futures.items()}
+    finally:
+        worker.stop()
+    # The first pass takes a1, then the next users in line whose waiting call is of the same
+    # kind while it fits: b1 (80 tokens), not c1 (120), not d1 (another kind). e1 fails alone.
+    assert passes[0] == ["a1", "b1"]
+    assert sorted(map(sorted, passes)) == sorted(map(sorted, [["a1", "b1"], ["c1", "a2"], ["d1"]]))
+    assert results["a1"] == "ran a1" and results["c1"] == "ran c1" and results["f1"] == "plain"
+    assert isinstance(results["e1"], ValueError)
+    assert order.index("a1") < order.index("a2")  # one user's calls keep their order
+    assert worker.passes == 3 and worker.fused_calls == 5
 
 
 def test_schema_is_versioned(tmp_path: Path) -> None:

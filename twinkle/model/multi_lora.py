@@ -220,6 +220,9 @@ class MultiLoraTransformersModel(ModelAPI):
         """
         if self._peft is None:
             return
+        if self._adapters and self._peft.active_adapter not in self._peft.peft_config:
+            # peft keeps naming a removed adapter active, and its forward looks that name up.
+            self._peft.set_adapter(next(iter(self._adapters.values())).peft_name)
         for state in self._adapters.values():
             for param in state.params:
                 param.requires_grad_(True)

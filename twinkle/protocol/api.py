@@ -110,6 +110,10 @@ class Method:
     args: Mapping[str, Arg] = field(default_factory=dict)
     returns: Returns = Returns.VALUE
     interruptible: bool = False
+    fused: bool = False
+    """Calls of several adapters may share one device pass: the implementation also provides
+    ``<name>_many(calls)``, each call's arguments in declared order, returning each one's value
+    or the exception it alone raised (a server gathers waiting calls of several users)."""
 
     @property
     def parameters(self) -> list[inspect.Parameter]:
@@ -161,6 +165,7 @@ def declare(
     args: Mapping[str, Arg] | None = None,
     returns: Returns = Returns.VALUE,
     interruptible: bool = False,
+    fused: bool = False,
 ) -> Callable[[F], F]:
     """Decorator on a declaration's method: its body is never run (the stub raises)."""
 
@@ -176,6 +181,7 @@ def declare(
             args=dict(args or {}),
             returns=returns,
             interruptible=interruptible,
+            fused=fused,
         )
         for name in spec.args:
             if name not in spec.signature.parameters:
@@ -222,6 +228,8 @@ class Declaration:
                 problems.append(f"{name}{spec.signature}")
             elif not impl.__doc__:
                 impl.__doc__ = spec.doc
+            if spec.fused and not callable(getattr(cls, f"{name}_many", None)):
+                problems.append(f"{name}_many (declared fused)")
         if problems:
             raise TypeError(f"{cls.__qualname__} does not implement {api.name} as declared: {'; '.join(problems)}")
 
@@ -339,11 +347,12 @@ class ModelAPI(Declaration):
 
     # ---------------------------------------------------------------- training
 
-    @declare(deferred=True, effect=Effect.MICRO_BATCH, event="forward_backward", args=_ADAPTER, interruptible=True)
+    @declare(deferred=True, effect=Effect.MICRO_BATCH, event="forward_backward", args=_ADAPTER, interruptible=True,
+             fused=True)
     def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
         """Forward and backward on one micro-batch; gradients add up until the window is complete."""
 
-    @declare(args=_ADAPTER)
+    @declare(args=_ADAPTER, fused=True)
     def forward_only(
         self, inputs: Any, *, adapter_name: str | None = None, return_logits: bool = False
     ) -> ForwardOutput:

@@ -26,7 +26,9 @@ from .errors import InvalidArgumentError, PayloadTooLargeError, TwinkleError, fi
 from .limits import MAX_ARRAY_DIMS, MAX_WIRE_DEPTH, MAX_WIRE_ELEMENTS, MAX_WIRE_VALUES
 
 CONTENT_TYPE = "application/msgpack"
-_ND = "__nd__"
+ND_KEY = "__nd__"
+"""The key that marks a packed array in the wire form."""
+_ND = ND_KEY
 _TYPE = "__type__"
 _REF = "__ref__"
 _MIN_PACKED = 8  # shorter int lists are smaller as plain msgpack ints
