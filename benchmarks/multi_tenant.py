@@ -68,7 +68,16 @@ def tenant_main(args: argparse.Namespace) -> None:
                       "last_loss": losses[-1]}))
 
 
+def _passes(url: str, key: str) -> tuple[int, int]:
+    from twinkle_client import TwinkleClient
+
+    with TwinkleClient(url, key) as client:
+        info = client.get_server_info()
+    return info.fused_passes, info.fused_calls
+
+
 def run_group(url: str, keys: list[str], batch: int, args: argparse.Namespace, work: Path, label: str) -> dict[str, Any]:
+    passes_before, calls_before = _passes(url, keys[0])
     go = work / f"go-{label}"
     ready = [work / f"ready-{label}-{i}" for i in range(len(keys))]
     cpus = os.cpu_count() or 1
@@ -78,7 +87,7 @@ def run_group(url: str, keys: list[str], batch: int, args: argparse.Namespace, w
             [*pin, sys.executable, "-m", "benchmarks.multi_tenant", "--tenant", "--url", url, "--key", key,
              "--batch", str(batch), "--length", str(args.length), "--steps", str(args.steps),
              "--seed", str(i), "--ready", str(ready[i]), "--go", str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**client_env(), "OMP_NUM_THREADS": "1"},
             cwd=str(Path(__file__).resolve().parents[1]),
         )
         for i, key in enumerate(keys)
@@ -96,11 +105,13 @@ def run_group(url: str, keys: list[str], batch: int, args: argparse.Namespace, w
         if p.returncode:
             raise RuntimeError(f"{label}: a tenant failed: {err[-800:]}")
         results.append(last_json_line(out))
+    passes, calls = _passes(url, keys[0])
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     each = [r["tokens"] / (r["end"] - r["start"]) for r in results]
     mean = sum(each) / len(each)
     return {"tenants": len(keys), "batch": batch, "tokens_per_s": sum(r["tokens"] for r in results) / span,
-            "tenant_min": min(each), "tenant_max": max(each), "fairness": min(each) / mean}
+            "tenant_min": min(each), "tenant_max": max(each), "fairness": min(each) / mean,
+            "calls_per_pass": (calls - calls_before) / max(passes - passes_before, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     cpus = os.cpu_count() or 1
     pin = cpus >= 2 and shutil.which("taskset") is not None
+    # torch's threads in the server: as many as the cores it is pinned to (more only spin).
+    os.environ["OMP_NUM_THREADS"] = str(max(cpus // 2, 1) if pin else cpus)
     for mode, extra in (("fused", []), ("time-shared", ["--fuse-tokens", "0"])):
         data = work / f"data-{mode}"
         server = start_server(data, "--max-loras", str(max(counts) + 1), "--max-loras-per-user", "1", *extra)
@@ -151,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     bound_tps = rows[0]["tokens_per_s"]
     for row in rows:
         row["of_bound"] = row["tokens_per_s"] / bound_tps
-    Report.table(["mode", "tenants", "batch", "tokens/s", "x bound", "tenant min", "tenant max", "min/mean"],
+    Report.table(["mode", "tenants", "batch", "tokens/s", "x bound", "tenant min", "tenant max", "min/mean",
+                  "calls per pass"],
                  [[r["mode"], r["tenants"], r["batch"], f"{r['tokens_per_s']:.0f}", f"{r['of_bound']:.2f}",
-                   f"{r['tenant_min']:.0f}", f"{r['tenant_max']:.0f}", f"{r['fairness']:.2f}"] for r in rows])
+                   f"{r['tenant_min']:.0f}", f"{r['tenant_max']:.0f}", f"{r['fairness']:.2f}",
+                   f"{r['calls_per_pass']:.2f}"] for r in rows])
     report.finish(rows=rows, smoke=args.smoke)
     return 0
 

@@ -61,6 +61,9 @@ def server_info(user: CurrentUser, ctx: Ctx) -> ServerInfo:
         device=ctx.device,
         idle_timeout_s=ctx.settings.idle_timeout,
         user=user.name,
+        fuse_tokens=ctx.worker.fuse_tokens,
+        fused_passes=ctx.worker.passes,
+        fused_calls=ctx.worker.fused_calls,
     )
 
 

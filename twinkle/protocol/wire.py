@@ -87,6 +87,12 @@ class ServerInfo(_Model):
     idle_timeout_s: float
     user: str
     """The name of the user the key belongs to."""
+    fuse_tokens: int = 0
+    """Tokens one device pass may gather from several users' calls (0: each call runs alone)."""
+    fused_passes: int = 0
+    """Device passes that ran forward_backward/forward_only calls since the server started."""
+    fused_calls: int = 0
+    """The calls those passes ran (over ``fused_passes``: how many calls share a pass)."""
 
 
 # ------------------------------------------------------------ runs, checkpoints
