@@ -491,10 +491,12 @@ class LoopbackProxy:
 
     FATES = ("before", "mid", "after")
 
-    def __init__(self, upstream_url: str, *, drop_rate: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, upstream_url: str, *, drop_rate: float = 0.0, seed: int = 0, rtt_s: float = 0.0) -> None:
         parsed = urlparse(upstream_url)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.drop_rate = drop_rate
+        self.rtt_s = rtt_s
+        """Network round-trip time to add: half before a request goes on, half before its reply."""
         self.rng = random.Random(seed)
         self.counts = {"requests": 0, "passed": 0, "before": 0, "mid": 0, "after": 0, "cut_by_outage": 0,
                        "refused": 0}
@@ -588,6 +590,8 @@ class LoopbackProxy:
                     up_reader, up_writer = await asyncio.open_connection(*self.upstream)
                     self._writers.add(up_writer)
                 assert up_reader is not None
+                if self.rtt_s:
+                    await asyncio.sleep(self.rtt_s / 2)
                 up_writer.write(head + body)
                 await up_writer.drain()
                 if fate == "mid":
@@ -602,6 +606,8 @@ class LoopbackProxy:
                 status = int(status_line.split()[1])
                 no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
                 rbody = b"" if no_body else await _read_body(up_reader, rheaders, expect_body=False)
+                if self.rtt_s:
+                    await asyncio.sleep(self.rtt_s / 2)
                 writer.write(rhead + rbody)
                 await writer.drain()
                 self.counts["passed"] += 1
