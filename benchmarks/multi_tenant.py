@@ -41,7 +41,7 @@ def tenant_main(args: argparse.Namespace) -> None:
     from twinkle_client.model import MultiLoraTransformersModel
 
     init_twinkle_client(base_url=args.url, api_key=args.key)
-    model = MultiLoraTransformersModel(model_id="builtin://tiny-qwen2")
+    model = MultiLoraTransformersModel(model_id=args.model)
     model.add_adapter_to_model("bench", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     model.set_optimizer("AdamW", lr=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("--url", "--key", "--ready", "--go"):
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="builtin://tiny-qwen2", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--tenants", default=None, help="counts of tenants (default 1,2,4,8; smoke 1,2)")
     p.add_argument("--steps", type=int, default=None, help="measured micro-steps per tenant (default 20; smoke 3)")
