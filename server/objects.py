@@ -67,6 +67,13 @@ class RemoteObject:
     """Requests using the object right now; the reaper never closes a busy object."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while a call batch runs: one object's calls run strictly in order."""
+    handled_through: int = 0
+    """The last seq of the latest batch handled (run, failed or refused): a batch sent after it
+    (``CallBatch.after``) may run."""
+    failures: int = 0
+    """Calls of this object that failed; a batch sent before the client saw the latest is refused."""
+    turn: asyncio.Condition = field(default_factory=asyncio.Condition)
+    """Notified when ``handled_through`` moves (batches waiting for their predecessor)."""
 
     def info(self) -> ObjectInfo:
         return ObjectInfo(object_id=self.object_id, kind=self.kind)  # type: ignore[arg-type]

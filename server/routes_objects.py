@@ -25,7 +25,7 @@ from twinkle.errors import ConflictError, InvalidArgumentError, NotFoundError, S
 from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
 from twinkle.protocol.api import API_BY_KIND, MODEL, NEXT_BATCHES, START_EPOCH
-from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
+from twinkle.protocol.limits import MAX_CALLS_PER_BATCH, ORDER_WAIT_S
 from twinkle.protocol.wire import (
     Call,
     CallBatch,
@@ -228,32 +228,82 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                      hub: HubCredentials) -> CallBatchResult:
     obj = ctx.objects.acquire(user.id, object_id)
     try:
+        arrived_in_time = await _wait_for_predecessor(obj, batch)
         async with obj.lock:
             if obj.closed:
                 raise NotFoundError(f"no object {object_id!r} (it was deleted)")
-            # Seqs increase within a batch, so every retried call comes before the first new one:
-            # a mismatch is refused before anything runs.
-            for call, identity in zip(batch.calls, identities, strict=True):
-                if call.seq <= obj.last_seq:
-                    _check_retry(obj, call, identity)
-            results: list[CallResult] = []
-            for call, identity in zip(batch.calls, identities, strict=True):
-                if call.seq <= obj.last_seq:
-                    result = obj.results.get(call.seq) or CallResult(
-                        seq=call.seq,
-                        ok=False,
-                        error=ErrorInfo(code="invalid_state", message=_stale_message(obj, call.seq),
-                                        request_id=request_id, call=call.method),
-                    )
-                else:
-                    result = await _execute(ctx, user, obj, call, request_id, hub)
-                    obj.record(call.seq, result, identity)
-                results.append(result)
-                if not result.ok:
-                    break
-            return CallBatchResult(results=results)
+            try:
+                results = await _run_calls(ctx, user, obj, batch, identities, request_id, hub, arrived_in_time)
+            finally:
+                async with obj.turn:
+                    obj.handled_through = max(obj.handled_through, batch.calls[-1].seq)
+                    obj.turn.notify_all()
+            return CallBatchResult(results=results, failures=obj.failures)
     finally:
         ctx.objects.release(obj)
+
+
+async def _wait_for_predecessor(obj: RemoteObject, batch: CallBatch) -> bool:
+    """Hold a pipelined batch until the one its client sent before it was handled (requests of
+    one client may arrive out of order); False if that did not happen within ``ORDER_WAIT_S``."""
+    after = batch.after
+    if after is None or obj.handled_through >= after:
+        return True
+    async with obj.turn:
+        try:
+            await asyncio.wait_for(obj.turn.wait_for(lambda: obj.handled_through >= after or obj.closed),
+                                   ORDER_WAIT_S)
+        except TimeoutError:
+            return False
+    return True
+
+
+async def _run_calls(ctx: ServerContext, user: User, obj: RemoteObject, batch: CallBatch,
+                     identities: list[tuple[str, str]], request_id: str | None, hub: HubCredentials,
+                     arrived_in_time: bool) -> list[CallResult]:
+    # Seqs increase within a batch, so every retried call comes before the first new one:
+    # a mismatch is refused before anything runs.
+    for call, identity in zip(batch.calls, identities, strict=True):
+        if call.seq <= obj.last_seq:
+            _check_retry(obj, call, identity)
+    refusal = _refusal(obj, batch, arrived_in_time)
+    results: list[CallResult] = []
+    for call, identity in zip(batch.calls, identities, strict=True):
+        if call.seq <= obj.last_seq:
+            result = obj.results.get(call.seq) or CallResult(
+                seq=call.seq,
+                ok=False,
+                error=ErrorInfo(code="invalid_state", message=_stale_message(obj, call.seq),
+                                request_id=request_id, call=call.method, blocked=_never_ran(obj, call.seq)),
+            )
+        elif refusal is not None:
+            # Recorded like a result, so that a retry of this batch gets the same answer.
+            result = CallResult(seq=call.seq, ok=False, error=ErrorInfo(
+                code="invalid_state", message=refusal, request_id=request_id, call=call.method, blocked=True))
+            obj.record(call.seq, result, identity)
+            results.append(result)
+            continue
+        else:
+            result = await _execute(ctx, user, obj, call, request_id, hub)
+            obj.record(call.seq, result, identity)
+            if not result.ok:
+                obj.failures += 1
+        results.append(result)
+        if not result.ok:
+            break
+    return results
+
+
+def _refusal(obj: RemoteObject, batch: CallBatch, arrived_in_time: bool) -> str | None:
+    """Why the new calls of a pipelined batch must not run, if they must not."""
+    if batch.after is None:
+        return None
+    if not arrived_in_time:
+        return (f"not run: the calls sent before it (up to seq {batch.after}) did not arrive "
+                f"within {ORDER_WAIT_S:.0f} s")
+    if batch.failures is not None and batch.failures < obj.failures:
+        return "not run: an earlier call of this object failed"
+    return None
 
 
 def _check_retry(obj: RemoteObject, call: Call, identity: tuple[str, str]) -> None:
@@ -266,6 +316,12 @@ def _check_retry(obj: RemoteObject, call: Call, identity: tuple[str, str]) -> No
         f"call {call.seq} already ran with {what}; a retry must repeat the call exactly, "
         f"a new call takes the next seq ({obj.last_seq + 1})"
     )
+
+
+def _never_ran(obj: RemoteObject, seq: int) -> bool:
+    """A seq below the last one that the object never ran (skipped, or overtaken by a batch its
+    client sent after a failure), as opposed to one that ran long ago."""
+    return seq >= next(iter(obj.results), obj.last_seq)
 
 
 def _stale_message(obj: RemoteObject, seq: int) -> str:

@@ -1,13 +1,17 @@
 """One remote object's outgoing calls: an ordered queue and the thread that sends it.
 
 The sender thread sends everything queued as one ``CallBatch``, so the calls of a training
-step share one or two round trips. Each call takes the object's next ``seq`` when queued,
-and the transport re-sends the same seqs on retry, so each call runs at most once.
+step share one or two round trips, and keeps up to ``MAX_BATCHES_IN_FLIGHT`` batches in
+flight: while the server runs one, the next is already there. Each batch names the one sent
+before it (``after``), and the server runs them in that order. Each call takes the object's
+next ``seq`` when queued, and the transport re-sends the same bytes on retry, so each call
+runs at most once.
 
 A failed call marks the pipeline: the next call or read on the object raises the error
 (``step() failed: ...`` for a deferred call, whose failure surfaces at another line), once.
 Calls queued behind the failure are not run; their futures hold an error of the same class
-whose ``blocked_by`` is the failure.
+whose ``blocked_by`` is the failure. A batch already in flight when a call failed is refused
+by the server (it carries the count of failures the client had seen), with the same errors.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from twinkle.protocol import codec
 from twinkle.protocol.errors import DeadlineError, ServerError, StateError, TwinkleError, error_from_code
-from twinkle.protocol.limits import MAX_CALLS_PER_BATCH
+from twinkle.protocol.limits import MAX_BATCHES_IN_FLIGHT, MAX_CALLS_PER_BATCH
 from twinkle.protocol.wire import CallBatchResult, CallResult, ErrorInfo
 
 from .interrupt import TrainingInterrupted
@@ -87,10 +92,18 @@ class Pipeline:
         self._queue: list[_Pending] = []
         self._next_seq = 1
         self._settled_seq = 0
-        self._sending = False
+        self._in_flight = 0
+        self._last_sent_seq = 0
+        self._last_answered_seq = 0
+        """The last seq of the latest batch the server answered call by call."""
+        self._server_failures = 0
+        """The object's failed calls as the server last reported them (sent with each batch)."""
         self._stopping = False
         self._closed = False
         self._failure: TwinkleError | None = None
+        self._cause: tuple[TwinkleError, str] | None = None
+        """The latest failure and the call that failed, kept after the mark is consumed: calls
+        the server refused because of it are reported as blocked by it."""
         self._thread: threading.Thread | None = None
         LIVE.add(self)
 
@@ -147,7 +160,7 @@ class Pipeline:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._next_seq - 1
-            while self._settled_seq < target:
+            while self._settled_seq < target or self._in_flight:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineError(f"{self.label}: queued calls did not finish within {timeout} s")
@@ -177,7 +190,7 @@ class Pipeline:
         """Wait until nothing is queued or in flight; True if that happened in time."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._sending:
+            while self._queue or self._in_flight:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -187,37 +200,61 @@ class Pipeline:
     # --------------------------------------------------------------- sender thread
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    self._thread = None
-                    return
-                batch = self._queue[:MAX_CALLS_PER_BATCH]
-                del self._queue[:MAX_CALLS_PER_BATCH]
-                self._sending = True
-            try:
-                outcome: list[CallResult] | TwinkleError = self._send(batch)
-            except TwinkleError as exc:
-                outcome = exc
-            except Exception as exc:  # a bug must not kill the thread and hang every reader
-                log.exception("twinkle client: sending calls of %s failed", self.label)
-                outcome = TwinkleError(f"the twinkle client failed to send the call: {exc!r}")
-            self._settle(batch, outcome)
+        in_flight: deque[tuple[list[_Pending], Future[tuple[list[CallResult], int] | TwinkleError]]] = deque()
+        with ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix=f"twinkle-post-{self.label}") as posts:
+            while True:
+                with self._cond:
+                    while True:
+                        if in_flight and in_flight[0][1].done():
+                            payload = None
+                            break
+                        if self._queue and len(in_flight) < MAX_BATCHES_IN_FLIGHT:
+                            batch = self._queue[:MAX_CALLS_PER_BATCH]
+                            del self._queue[:MAX_CALLS_PER_BATCH]
+                            payload = {
+                                "calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs}
+                                          for p in batch],
+                                "after": self._last_sent_seq,
+                                "failures": self._server_failures,
+                            }
+                            self._last_sent_seq = batch[-1].seq
+                            self._in_flight += 1
+                            break
+                        if not in_flight and not self._queue and self._stopping:
+                            self._thread = None
+                            return
+                        self._cond.wait()
+                if payload is not None:
+                    future = posts.submit(self._post, payload)
+                    future.add_done_callback(self._wake)
+                    in_flight.append((batch, future))
+                    continue
+                done, future = in_flight.popleft()
+                self._settle(done, future.result())
 
-    def _send(self, batch: list[_Pending]) -> list[CallResult]:
-        payload = {"calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs} for p in batch]}
-        data = self._send_batch(payload)
+    def _wake(self, _: Any) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _post(self, payload: dict[str, Any]) -> tuple[list[CallResult], int] | TwinkleError:
         try:
-            return CallBatchResult.model_validate(data).results
-        except Exception as exc:
-            raise ServerError(f"the twinkle server sent a malformed call result: {exc}") from None
+            data = self._send_batch(payload)
+            try:
+                reply = CallBatchResult.model_validate(data)
+            except Exception as exc:
+                raise ServerError(f"the twinkle server sent a malformed call result: {exc}") from None
+            return reply.results, reply.failures
+        except TwinkleError as exc:
+            return exc
+        except Exception as exc:  # a bug must not kill the thread and hang every reader
+            log.exception("twinkle client: sending calls of %s failed", self.label)
+            return TwinkleError(f"the twinkle client failed to send the call: {exc!r}")
 
-    def _settle(self, batch: list[_Pending], outcome: list[CallResult] | TwinkleError) -> None:
+    def _settle(self, batch: list[_Pending], outcome: tuple[list[CallResult], int] | TwinkleError) -> None:
         settled: list[tuple[CallFuture, Any, TwinkleError | None]] = []
         failure: TwinkleError | None = None
         failed_call = ""
+        blocked_by = self._cause
         if isinstance(outcome, TwinkleError):
             # The whole request failed: whether any call ran is unknown, so every call of the
             # batch reports the same error.
@@ -230,13 +267,32 @@ class Pipeline:
             )
             failed_call = first.method
             settled = [(p.future, None, failure) for p in batch]
+            with self._cond:
+                # The server may never have seen this batch: the next one must not wait for it.
+                # (A batch sent after it and still in flight is then answered as never run.)
+                self._last_sent_seq = self._last_answered_seq
         else:
-            by_seq = {r.seq: r for r in outcome}
+            results, server_failures = outcome
+            with self._cond:
+                self._server_failures = max(self._server_failures, server_failures)
+                answered = [r.seq for r in results]
+                if answered and all(p.seq in set(answered) for p in batch) or not all(r.ok for r in results):
+                    self._last_answered_seq = max(self._last_answered_seq, batch[-1].seq)
+            by_seq = {r.seq: r for r in results}
+            if any(p.seq not in by_seq for p in batch) and all(r.ok for r in results):
+                with self._cond:
+                    # A reply without the calls' results: the server may not have handled the
+                    # batch (a proxy, a bug), so the next one must not wait for it.
+                    self._last_sent_seq = min(self._last_sent_seq, self._last_answered_seq)
             for p in batch:
                 if failure is not None:
                     settled.append((p.future, None, _blocked(failure, failed_call)))
                     continue
                 result = by_seq.get(p.seq)
+                if result is not None and result.error is not None and result.error.blocked and blocked_by:
+                    # Sent before the client saw an earlier failure; the server did not run it.
+                    settled.append((p.future, None, _blocked(*blocked_by)))
+                    continue
                 if result is None:
                     info = ErrorInfo(code="internal", message="the server returned no result for this call")
                     result = CallResult(seq=p.seq, ok=False, error=info)
@@ -256,6 +312,7 @@ class Pipeline:
             # future always finds (and consumes) it.
             if failure is not None:
                 self._failure = failure
+                self._cause = (failure, failed_call)
                 # Calls queued behind a failure are not sent: the user has not seen it yet.
                 settled.extend((p.future, None, _blocked(failure, failed_call)) for p in self._queue)
                 if self._queue:
@@ -267,5 +324,5 @@ class Pipeline:
                 else:
                     future.set_exception(error)
             self._settled_seq = max(self._settled_seq, batch[-1].seq)
-            self._sending = False
+            self._in_flight -= 1
             self._cond.notify_all()

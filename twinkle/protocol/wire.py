@@ -59,6 +59,8 @@ class ErrorInfo(_Model):
     request_id: str | None = None
     call: str | None = None
     """For a failed remote call: the method that failed, e.g. ``'step'``."""
+    blocked: bool = False
+    """The call did not run because an earlier call of the same object failed (or never came)."""
 
 
 class ErrorResponse(_Model):
@@ -239,6 +241,14 @@ class Call(_Model):
 
 class CallBatch(_Model):
     calls: list[Call] = Field(min_length=1)
+    after: int | None = Field(default=None, ge=0, le=MAX_SEQ)
+    """For a client with several batches of one object in flight: the last seq of the batch it
+    sent before this one. The server runs this batch only once that one was handled (it waits
+    for it up to ``ORDER_WAIT_S``; then these calls are refused, not run)."""
+    failures: int | None = Field(default=None, ge=0, le=MAX_SEQ)
+    """With ``after``: how many failed calls of this object the client had seen (the server's
+    ``CallBatchResult.failures``) when it sent the batch. If the object has failed since, the
+    batch was sent before the client knew, and its calls are refused (``blocked``), not run."""
 
 
 class CallResult(_Model):
@@ -255,6 +265,8 @@ class CallResult(_Model):
 class CallBatchResult(_Model):
     results: list[CallResult]
     """One per executed (or failed) call, in order. Calls after a failure are not run and not listed."""
+    failures: int = 0
+    """Failed calls of this object so far (what the client sends back as ``CallBatch.failures``)."""
 
 
 # ------------------------------------------------------------------ uploads
