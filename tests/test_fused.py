@@ -80,13 +80,19 @@ def finish_micro(model: MultiLoraTransformersModel, name: str, trace: Trace) -> 
     model.lr_step(adapter_name=name)
 
 
+_ALONE: dict[Tenant, tuple[Trace, list[torch.Tensor]]] = {}
+"""Each tenant's run alone, computed once for the module (the runs are deterministic)."""
+
+
 def alone(tmp_path, t: Tenant) -> tuple[Trace, list[torch.Tensor]]:
-    model = new_model(tmp_path / f"alone-{t.name}", t)
-    trace = Trace([], [], [], [])
-    for step in range(MICRO_STEPS):
-        trace.losses.append(model.forward_backward(inputs=t.batch(step), adapter_name=t.name).loss)
-        finish_micro(model, t.name, trace)
-    return trace, weights_of(model, t.name)
+    if t not in _ALONE:
+        model = new_model(tmp_path / f"alone-{t.name}", t)
+        trace = Trace([], [], [], [])
+        for step in range(MICRO_STEPS):
+            trace.losses.append(model.forward_backward(inputs=t.batch(step), adapter_name=t.name).loss)
+            finish_micro(model, t.name, trace)
+        _ALONE[t] = (trace, weights_of(model, t.name))
+    return _ALONE[t]
 
 
 def close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, what: str) -> None:
