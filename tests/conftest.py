@@ -306,6 +306,18 @@ def raw_client() -> Iterator[Callable[[Any, str | None], RawClient]]:
         client.close()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests: the tiny model's matrices are too small for
+    intra-op threads, which on a busy machine only wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def raw_helpers() -> SimpleNamespace:
     """``raw_dataloader``, ``raw_model`` and ``train_steps`` (see the comment above)."""

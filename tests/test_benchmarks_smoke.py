@@ -5,33 +5,19 @@ locally, every contender measured), never how fast anything was."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_stress_smoke import last_json_line
+import test_stress_smoke as stress_smoke
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{script}", "--smoke", "--keep", str(tmp_path / script), *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840, stdin=subprocess.DEVNULL,
-    )
-    output = (proc.stdout + "\n" + proc.stderr[-4000:])[-6000:]
-    assert proc.returncode == 0, output
-    try:
-        return {**last_json_line(proc.stdout), "_output": output}
-    except ValueError:
-        pytest.fail(f"benchmarks.{script} printed no figures:\n{output}")
+    f = stress_smoke.run_smoke(script, tmp_path, *extra, package="benchmarks")
+    assert f["_exit"] == 0, f["_output"]
+    return f
 
 
 @pytest.mark.timeout(900)

@@ -9,7 +9,6 @@ go on. The reference for each tenant is a model that holds only that tenant.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -20,19 +19,12 @@ from support.tenants import Tenant, tenants
 from twinkle import errors
 from twinkle.model import MultiLoraTransformersModel
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL = "builtin://tiny-qwen2"
 MICRO_STEPS = 20
 RTOL = 1e-5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def new_model(tmp_path, *adapters: Tenant) -> MultiLoraTransformersModel:

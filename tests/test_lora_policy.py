@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from twinkle.model.lora_policy import (
 )
 from twinkle.protocol import codec
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL = "builtin://tiny-qwen2"
 MAX_R = 8
@@ -188,14 +187,6 @@ class Snapshot:
             f"{when}: the other adapter's forward_only changed ({self.loss!r} -> {now.loss!r})"
         )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model's matrices are too small for intra-op threads; on a busy machine they only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,19 +30,19 @@ def last_json_line(text: str) -> dict[str, Any]:
     raise ValueError("no JSON line")
 
 
-def run_smoke(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
-    """``python -m stress.SCRIPT --smoke``; its figures (the last JSON line)."""
+def run_smoke(script: str, tmp_path: Path, *extra: str, package: str = "stress") -> dict[str, Any]:
+    """``python -m PACKAGE.SCRIPT --smoke``; its figures (the last JSON line)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, "-m", f"stress.{script}", "--smoke", "--keep", str(tmp_path / script), *extra],
+        [sys.executable, "-m", f"{package}.{script}", "--smoke", "--keep", str(tmp_path / script), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=840, stdin=subprocess.DEVNULL,
     )
     output = proc.stdout + "\n" + proc.stderr[-4000:]
     try:
         figures = last_json_line(proc.stdout)
     except ValueError:
-        pytest.fail(f"stress.{script} printed no figures (exit {proc.returncode}):\n{output[-6000:]}")
+        pytest.fail(f"{package}.{script} printed no figures (exit {proc.returncode}):\n{output[-6000:]}")
     figures["_output"] = output[-6000:]
     figures["_exit"] = proc.returncode
     return figures
