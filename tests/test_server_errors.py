@@ -214,7 +214,7 @@ def test_unexpected_failure_is_internal_without_traceback(user, server, raw_help
     assert r.status_code == 200 and [x["ok"] for x in results] == [False]
     err = results[0]["error"]
     assert err == {"code": "internal", "message": "internal server error",
-                   "request_id": r.headers["x-request-id"], "call": "save"}
+                   "request_id": r.headers["x-request-id"], "call": "save", "blocked": False}
     wait_until(lambda: err["request_id"] in server.log(), 30, "the failed request was not logged")
     log = server.log()
     assert "Traceback" in log and "FileExistsError" in log
