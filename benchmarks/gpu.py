@@ -168,7 +168,7 @@ def twinkle_runs(folder: Path, args: argparse.Namespace, device: Any, dtype: Any
 def server_run(folder: Path, args: argparse.Namespace, work: Path, fuse: bool) -> dict[str, Any]:
     """Four client processes train against one server; seconds per step of all four."""
     data = work / f"server-{fuse}"
-    extra = [] if fuse else ["--fuse-tokens", "0"]
+    extra = ["--fuse-tokens", "32768" if fuse else "0"]
     server = start_server(data, "--model", str(folder), "--allow-local-data", "--max-loras",
                           str(TENANTS + 1), "--max-loras-per-user", "1", "--max-tokens-per-call", "65536", *extra,
                           timeout=900)

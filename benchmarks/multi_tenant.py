@@ -4,7 +4,7 @@
 
 For each count of tenants N, N client processes (one user each) train their own adapter on
 the built-in model at batch 2 (rows of ``--length`` tokens) against one ``twinkle-server``,
-first with fused passes (the default) and then time-shared (``--fuse-tokens 0``); one tenant
+first with fused passes (``--fuse-tokens 32768``) and then time-shared (``--fuse-tokens 0``); one tenant
 at batch 8 is the fused bound (the same rows in one call). Each tenant warms up, waits until
 every tenant is ready, then runs ``--steps`` micro-steps (forward_backward and an optimizer
 step, sent without waiting for replies) and reads its losses at the end. Printed: aggregate
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     pin = cpus >= 2 and shutil.which("taskset") is not None
     # torch's threads in the server: as many as the cores it is pinned to (more only spin).
     os.environ["OMP_NUM_THREADS"] = str(max(cpus // 2, 1) if pin else cpus)
-    for mode, extra in (("fused", []), ("time-shared", ["--fuse-tokens", "0"])):
+    for mode, extra in (("fused", ["--fuse-tokens", "32768"]), ("time-shared", ["--fuse-tokens", "0"])):
         data = work / f"data-{mode}"
         server = start_server(data, "--max-loras", str(max(counts) + 1), "--max-loras-per-user", "1", *extra)
         if pin:  # every thread of the server on the first half of the cores, the clients on the rest

@@ -30,7 +30,7 @@ from typing import Any
 
 from twinkle.errors import TwinkleError
 
-from .settings import DEFAULT_IDLE_TIMEOUT, DEFAULT_MODEL, Settings, default_data_dir
+from .settings import DEFAULT_IDLE_TIMEOUT, DEFAULT_MODEL, FUSE_TOKENS, Settings, default_data_dir
 
 log = logging.getLogger("twinkle_server")
 LISTENING = "twinkle-server listening on"
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-tokens-per-call", type=_positive_int, metavar="N", default=d["max_tokens_per_call"].default,
                         help="padded tokens (rows x longest row) one forward_backward/forward_only may carry "
                              "(default %(default)s)")
-    limits.add_argument("--fuse-tokens", type=_non_negative_int, metavar="N", default=d["fuse_tokens"].default,
+    limits.add_argument("--fuse-tokens", type=_non_negative_int, metavar="N", default=None,
                         help="tokens one device pass may gather from several users' forward_backward/forward_only "
-                             "calls (fused multi-LoRA); 0 runs each call alone (default %(default)s)")
+                             f"calls (fused multi-LoRA); 0 runs each call alone (default {FUSE_TOKENS} on a CUDA "
+                             "device, 0 on the CPU, where fusing measured slower)")
     limits.add_argument("--max-uploads", type=_positive_int, metavar="N", default=d["max_uploads"].default,
                         help="hub uploads running at once; later ones wait (default %(default)s)")
     limits.add_argument("--max-uploads-per-user", type=_positive_int, metavar="N", default=d["max_uploads_per_user"].default,

@@ -19,7 +19,7 @@ from .errors import ErrorScrubber
 from .model_handle import ModelHandle
 from .objects import ObjectRegistry, Reaper, RemoteObject
 from .runs import RunBook
-from .settings import Settings
+from .settings import FUSE_TOKENS, Settings
 from .store import Store
 from .worker import DeviceWorker, FairExecutor, Fusable
 
@@ -49,7 +49,10 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.worker = DeviceWorker(fuse_tokens=settings.fuse_tokens)
+        fuse = settings.fuse_tokens
+        if fuse is None:
+            fuse = FUSE_TOKENS if self.model.device.type == "cuda" else 0
+        self.worker = DeviceWorker(fuse_tokens=fuse)
         self.uploads = UploadJobs(settings.max_uploads, settings.max_uploads_per_user,
                                   limit_note=", set by twinkle-server serve --max-uploads-per-user")
         self.objects = ObjectRegistry(settings.idle_timeout, settings.max_objects_per_user)

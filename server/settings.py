@@ -22,6 +22,10 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TWINKLE_DATA_DIR") or "twinkle_data")
 
 
+FUSE_TOKENS = 32768
+"""The default ``fuse_tokens`` on a CUDA device."""
+
+
 @dataclass
 class Settings:
     """Everything ``twinkle-server serve`` is configured with."""
@@ -46,9 +50,11 @@ class Settings:
     """Data threads one user may occupy at once: the others keep serving the other users."""
     max_tokens_per_call: int = 16384
     """Padded tokens (batch rows x longest row) one forward_backward/forward_only may carry."""
-    fuse_tokens: int = 32768
+    fuse_tokens: int | None = None
     """Most (padded) tokens one fused device pass gathers from several users' calls; 0 runs
-    every call alone (time-sharing)."""
+    every call alone (time-sharing). None: ``FUSE_TOKENS`` on a CUDA device, 0 on the CPU,
+    where a fused pass computes as many small matmuls as separate ones and measured slower
+    (README, benchmarks/multi_tenant.py)."""
     max_uploads: int = 4
     """Hub uploads running at once on the server; later ones wait (status 'queued')."""
     max_uploads_per_user: int = 2

@@ -82,7 +82,8 @@ def test_three_users_training_at_once_each_get_their_alone_results(tmp_path, sta
 
     group = tenants(3)
     data = tmp_path / "data"
-    server = start_server(data, "--max-loras", "4", "--max-loras-per-user", "1", "--dtype", "float32")
+    server = start_server(data, "--max-loras", "4", "--max-loras-per-user", "1", "--dtype", "float32",
+                          "--fuse-tokens", "32768")  # on by default on CUDA only
     go = tmp_path / "go"
     procs, ready = [], []
     try:
