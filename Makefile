@@ -40,9 +40,9 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The quick loop: the in-process tests, spread over the machine's cores.
+# The quick loop: the in-process tests (spread over the machine's cores: tests/conftest.py).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -m unit -n auto
+	$(BIN)/python -m pytest -m unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

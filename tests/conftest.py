@@ -363,6 +363,18 @@ TEST_CATEGORY_TABLE: dict[str, str] = {
 SERVER_FIXTURES = frozenset({"start_server", "server", "server_user"})
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``pytest -m unit`` spreads over the machine's cores (pytest-xdist's ``-n auto``) unless
+    ``-n`` was given: the quick loop stays quick on a small machine."""
+    selected = (config.option.markexpr or "").strip()
+    if (selected == "unit" and config.pluginmanager.hasplugin("xdist")
+            and getattr(config.option, "numprocesses", None) is None and "PYTEST_XDIST_WORKER" not in os.environ):
+        config.option.numprocesses = "auto"
+        if getattr(config.option, "dist", "no") == "no":
+            config.option.dist = "load"
+
+
 _CATEGORY_MARK = re.compile(r"pytest\.mark\.(\w+)")
 
 
