@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,7 +85,18 @@ def alone(tmp_path, t: Tenant) -> tuple[Trace, list[torch.Tensor]]:
             trace.losses.append(model.forward_backward(inputs=t.batch(step), adapter_name=t.name).loss)
             finish_micro(model, t.name, trace)
         _ALONE[t] = (trace, weights_of(model, t.name))
+        _SAVED[t] = saved_weights(model, t.name)
     return _ALONE[t]
+
+
+_SAVED: dict[Tenant, dict[str, torch.Tensor]] = {}
+"""Each tenant's checkpoint weights after its run alone."""
+
+
+def saved_weights(model: MultiLoraTransformersModel, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(model.save("final", adapter_name=name)) / "adapter_model.safetensors")
 
 
 def close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, what: str) -> None:
@@ -136,6 +148,9 @@ def test_tenants_trained_together_equal_each_trained_alone(tmp_path, n: int) -> 
             close(a, b, RTOL, f"{t.name} update {step}: gradients after clipping")
         assert all(math.isclose(a, b, rel_tol=RTOL) for a, b in zip(got.norms, ref.norms, strict=True))
         close(weights_of(model, names[t.name]), ref_weights, 1e-4, f"{t.name}: weights after {MICRO_STEPS} steps")
+        saved, ref_saved = saved_weights(model, names[t.name]), _SAVED[t]
+        assert saved.keys() == ref_saved.keys()
+        close([saved[k] for k in sorted(saved)], [ref_saved[k] for k in sorted(saved)], 1e-4, f"{t.name}: checkpoint")
 
 
 def test_a_bad_call_fails_alone_and_the_others_train(tmp_path) -> None:
