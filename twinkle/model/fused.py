@@ -76,9 +76,16 @@ def _rows_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 
 def use_rows_attention(model: nn.Module) -> None:
-    """Make ``model`` attend row by row in twinkle passes (registers the implementation once)."""
+    """Make ``model`` attend row by row in twinkle passes (registers the implementation once).
+
+    A model with sliding-window attention keeps its own implementation: transformers then
+    builds a block-diagonal mask from the position ids that also applies the window (exact,
+    though a row's float sums then depend on the length of the pass)."""
     from transformers import AttentionInterface
 
+    config = getattr(model, "config", None)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return
     if ROWS_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
     model.set_attn_implementation(ROWS_ATTENTION)
