@@ -14,11 +14,12 @@ built, or gives it back if the build fails: concurrent creations can never excee
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,17 +71,30 @@ class RemoteObject:
     handled_through: int = 0
     """The last seq of the latest batch handled (run, failed or refused): a batch sent after it
     (``CallBatch.after``) may run."""
-    failures: int = 0
-    """Calls of this object that failed; a batch sent before the client saw the latest is refused."""
+    failed_seqs: list[int] = field(default_factory=list)
+    """Seqs of the calls of this object that failed when they ran, in order."""
+    gaps: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RESULTS_KEPT))
+    """Seq ranges skipped by a later call (never run: a client's calls dropped after a failure,
+    or a batch that came after its successor ran)."""
     turn: asyncio.Condition = field(default_factory=asyncio.Condition)
     """Notified when ``handled_through`` moves (batches waiting for their predecessor)."""
 
     def info(self) -> ObjectInfo:
         return ObjectInfo(object_id=self.object_id, kind=self.kind)  # type: ignore[arg-type]
 
+    def failures_through(self, seq: int) -> int:
+        """How many calls up to ``seq`` failed when they ran."""
+        return bisect.bisect_right(self.failed_seqs, seq)
+
+    def never_ran(self, seq: int) -> bool:
+        """Whether ``seq`` (below the last seq) was skipped rather than run."""
+        return any(first <= seq <= last for first, last in self.gaps)
+
     def record(self, seq: int, result: CallResult, call: tuple[str, str] | None = None) -> None:
         """Remember a call's result (successful or not) and what the call was (method, digest):
         the seq is spent either way."""
+        if seq > self.last_seq + 1:
+            self.gaps.append((self.last_seq + 1, seq - 1))
         self.results[seq] = result
         if call is not None:
             self.calls[seq] = call

@@ -238,7 +238,9 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                 async with obj.turn:
                     obj.handled_through = max(obj.handled_through, batch.calls[-1].seq)
                     obj.turn.notify_all()
-            return CallBatchResult(results=results, failures=obj.failures)
+            # The failures up to this batch's last call, not later ones: a reply to a resent
+            # batch must not tell its client about a failure it has not been shown.
+            return CallBatchResult(results=results, failures=obj.failures_through(batch.calls[-1].seq))
     finally:
         ctx.objects.release(obj)
 
@@ -249,12 +251,17 @@ async def _wait_for_predecessor(obj: RemoteObject, batch: CallBatch) -> bool:
     after = batch.after
     if after is None or obj.handled_through >= after:
         return True
+    deadline = asyncio.get_running_loop().time() + ORDER_WAIT_S
     async with obj.turn:
-        try:
-            await asyncio.wait_for(obj.turn.wait_for(lambda: obj.handled_through >= after or obj.closed),
-                                   ORDER_WAIT_S)
-        except TimeoutError:
-            return False
+        # In slices: a deleted object (closed from another thread) must not hold a request.
+        while obj.handled_through < after and not obj.closed:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(obj.turn.wait(), min(left, 1.0))
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
     return True
 
 
@@ -274,7 +281,7 @@ async def _run_calls(ctx: ServerContext, user: User, obj: RemoteObject, batch: C
                 seq=call.seq,
                 ok=False,
                 error=ErrorInfo(code="invalid_state", message=_stale_message(obj, call.seq),
-                                request_id=request_id, call=call.method, blocked=_never_ran(obj, call.seq)),
+                                request_id=request_id, call=call.method, blocked=obj.never_ran(call.seq)),
             )
         elif refusal is not None:
             # Recorded like a result, so that a retry of this batch gets the same answer.
@@ -287,7 +294,7 @@ async def _run_calls(ctx: ServerContext, user: User, obj: RemoteObject, batch: C
             result = await _execute(ctx, user, obj, call, request_id, hub)
             obj.record(call.seq, result, identity)
             if not result.ok:
-                obj.failures += 1
+                obj.failed_seqs.append(call.seq)
         results.append(result)
         if not result.ok:
             break
@@ -301,7 +308,7 @@ def _refusal(obj: RemoteObject, batch: CallBatch, arrived_in_time: bool) -> str 
     if not arrived_in_time:
         return (f"not run: the calls sent before it (up to seq {batch.after}) did not arrive "
                 f"within {ORDER_WAIT_S:.0f} s")
-    if batch.failures is not None and batch.failures < obj.failures:
+    if batch.failures is not None and batch.failures < obj.failures_through(batch.after):
         return "not run: an earlier call of this object failed"
     return None
 
@@ -318,16 +325,10 @@ def _check_retry(obj: RemoteObject, call: Call, identity: tuple[str, str]) -> No
     )
 
 
-def _never_ran(obj: RemoteObject, seq: int) -> bool:
-    """A seq below the last one that the object never ran (skipped, or overtaken by a batch its
-    client sent after a failure), as opposed to one that ran long ago."""
-    return seq >= next(iter(obj.results), obj.last_seq)
-
-
 def _stale_message(obj: RemoteObject, seq: int) -> str:
     """Why a seq at or below the last one gets no result: it ran long ago, or it was skipped."""
     oldest_kept = next(iter(obj.results), obj.last_seq)
-    if seq < oldest_kept:
+    if seq < oldest_kept and not obj.never_ran(seq):
         return f"call {seq} already ran"
     return f"call {seq} is below the last call's seq {obj.last_seq} and never ran; seqs must increase"
 

@@ -21,6 +21,7 @@ everybody else.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import deque
@@ -226,11 +227,19 @@ class FairExecutor:
         try:
             outcomes = begun[0][1].together([prepared for _, _, prepared in begun])
         except BaseException as exc:  # the pass itself failed: every call in it gets the error
-            outcomes = [exc] * len(begun)
+            # Each its own copy: ending a call adds that user's names to its error.
+            outcomes = [_own_copy(exc) for _ in begun]
         self.passes += 1
         self.fused_calls += len(begun)
         for (future, fusable, prepared), outcome in zip(begun, outcomes, strict=True):
             _settle(future, lambda fusable=fusable, prepared=prepared, outcome=outcome: fusable.end(prepared, outcome))
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    twin = copy.copy(exc)
+    if isinstance(getattr(twin, "aliases", None), dict):
+        twin.aliases = dict(twin.aliases)  # type: ignore[attr-defined]
+    return twin
 
 
 def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:

@@ -217,3 +217,26 @@ def test_adapters_come_and_go_between_passes(tmp_path) -> None:
     add(model, c, c.name)
     ref, _ = alone(tmp_path, c)
     assert math.isclose(model.forward_backward(inputs=c.batch(0), adapter_name=c.name).loss, ref.losses[0], rel_tol=RTOL)
+
+
+def test_a_refused_adapter_leaves_the_others_trainable(tmp_path) -> None:
+    a, b = tenants(2)
+    model = new_model(tmp_path, a, b)
+    # peft injects q_proj into every layer before the policy refuses the norm layers.
+    with pytest.raises(errors.InvalidArgumentError):
+        model.add_adapter_to_model("refused", LoraConfig(r=4, target_modules=["q_proj", "norm"]))
+    assert all(p.requires_grad for t in (a, b) for p in model._params(model._adapter(t.name)))
+    outs = model.forward_backward_many([(a.batch(0), a.name), (b.batch(0), b.name)])
+    assert not any(isinstance(o, Exception) for o in outs), outs
+
+
+def test_labels_only_on_first_tokens_are_no_labels_after_left_padding(tmp_path) -> None:
+    (t,) = tenants(1)
+    model = new_model(tmp_path, t)
+    model.set_processor("InputProcessor", padding_side="left", adapter_name=t.name)
+    # The short row's only label sits on its first real token (never a target); left padding
+    # moves that token off column 0 of the padded batch.
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100] * 5}, {"input_ids": [5, 6, 7], "labels": [6, -100, -100]}]
+    with pytest.raises(errors.InvalidArgumentError, match="no labelled tokens"):
+        model.forward_backward(inputs=rows, adapter_name=t.name)
+    assert model.get_train_state(adapter_name=t.name)["micro_step"] == 0

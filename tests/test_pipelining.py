@@ -43,6 +43,10 @@ def test_batches_run_in_the_order_sent_and_a_failure_blocks_those_in_flight(serv
     error = refused["results"][0]["error"]
     assert error["blocked"] and error["message"] == "not run: an earlier call of this object failed"
     assert client.body(client.post(path, behind)) == refused  # a retry: the same answer, still not run
+    # A resent earlier batch is answered from the record with the failures up to it only: its
+    # reply must not count a failure its client has not been shown yet.
+    again = client.body(client.post(path, batch(4, "forward_backward", 3, 0, inputs=BATCH)))
+    assert again["results"] == first["results"] and again["failures"] == 0
     # Sent after the client saw the failure (failures=1), the next batch runs.
     state = client.body(client.post(path, batch(8, "get_train_state", 7, 1)))
     assert state["results"][0]["ok"] and state["results"][0]["value"]["micro_step"] == 1

@@ -86,6 +86,19 @@ def test_worker_fuses_one_waiting_call_per_user_within_the_token_budget() -> Non
     assert worker.passes == 3 and worker.fused_calls == 5
 
 
+def test_an_object_knows_which_seqs_never_ran_and_counts_failures_by_seq() -> None:
+    from twinkle_server.objects import RemoteObject
+
+    from twinkle.protocol.wire import CallResult
+
+    obj = RemoteObject("obj-1", "model", 1, "u", None)
+    obj.record(1, CallResult(seq=1, ok=True))
+    obj.record(4, CallResult(seq=4, ok=True))  # 2 and 3 were skipped
+    assert [s for s in range(1, 5) if obj.never_ran(s)] == [2, 3]
+    obj.failed_seqs += [4, 9]
+    assert [obj.failures_through(s) for s in (3, 4, 8, 9)] == [0, 1, 1, 2]
+
+
 def test_schema_is_versioned(tmp_path: Path) -> None:
     store = Store(tmp_path / "t.db")
     assert store.schema_version == len(MIGRATIONS)

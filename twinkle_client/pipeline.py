@@ -22,7 +22,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,40 +201,46 @@ class Pipeline:
 
     def _run(self) -> None:
         in_flight: deque[tuple[list[_Pending], Future[tuple[list[CallResult], int] | TwinkleError]]] = deque()
-        with ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix=f"twinkle-post-{self.label}") as posts:
-            while True:
-                with self._cond:
-                    while True:
-                        if in_flight and in_flight[0][1].done():
-                            payload = None
-                            break
-                        if self._queue and len(in_flight) < MAX_BATCHES_IN_FLIGHT:
-                            batch = self._queue[:MAX_CALLS_PER_BATCH]
-                            del self._queue[:MAX_CALLS_PER_BATCH]
-                            payload = {
-                                "calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs}
-                                          for p in batch],
-                                "after": self._last_sent_seq,
-                                "failures": self._server_failures,
-                            }
-                            self._last_sent_seq = batch[-1].seq
-                            self._in_flight += 1
-                            break
-                        if not in_flight and not self._queue and self._stopping:
-                            self._thread = None
-                            return
-                        self._cond.wait()
-                if payload is not None:
-                    future = posts.submit(self._post, payload)
-                    future.add_done_callback(self._wake)
-                    in_flight.append((batch, future))
-                    continue
-                done, future = in_flight.popleft()
-                self._settle(done, future.result())
+        while True:
+            with self._cond:
+                while True:
+                    if in_flight and in_flight[0][1].done():
+                        payload = None
+                        break
+                    if self._queue and len(in_flight) < MAX_BATCHES_IN_FLIGHT:
+                        batch = self._queue[:MAX_CALLS_PER_BATCH]
+                        del self._queue[:MAX_CALLS_PER_BATCH]
+                        payload = {
+                            "calls": [{"seq": p.seq, "method": p.method, "args": p.args, "kwargs": p.kwargs}
+                                      for p in batch],
+                            "after": self._last_sent_seq,
+                            "failures": self._server_failures,
+                        }
+                        self._last_sent_seq = batch[-1].seq
+                        self._in_flight += 1
+                        break
+                    if not in_flight and not self._queue and self._stopping:
+                        self._thread = None
+                        return
+                    self._cond.wait()
+            if payload is not None:
+                in_flight.append((batch, self._start_post(payload)))
+                continue
+            done, future = in_flight.popleft()
+            self._settle(done, future.result())
 
-    def _wake(self, _: Any) -> None:
-        with self._cond:
-            self._cond.notify_all()
+    def _start_post(self, payload: dict[str, Any]) -> Future[tuple[list[CallResult], int] | TwinkleError]:
+        """Post a batch on its own daemon thread (an executor's threads would be joined at
+        interpreter exit, before the exit drain, and refuse new work there)."""
+        future: Future[tuple[list[CallResult], int] | TwinkleError] = Future()
+
+        def post() -> None:
+            future.set_result(self._post(payload))
+            with self._cond:
+                self._cond.notify_all()
+
+        threading.Thread(target=post, name=f"twinkle-post-{self.label}", daemon=True).start()
+        return future
 
     def _post(self, payload: dict[str, Any]) -> tuple[list[CallResult], int] | TwinkleError:
         try:

@@ -152,6 +152,10 @@ class MultiLoraTransformersModel(ModelAPI):
                 except BaseException:
                     self._discard_partial_adapter(peft_name)
                     raise
+                finally:
+                    # peft turned every other adapter's weights untrainable while it injected
+                    # this one, whether or not the add went through.
+                    self._settle_modes()
             self._peft.to(self.device)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
@@ -296,9 +300,12 @@ class MultiLoraTransformersModel(ModelAPI):
             raise InvalidArgumentError(
                 f"labels contain {int(bad[0])}, outside the vocabulary of {self.vocab_size} (use -100 to ignore a token)"
             )
-        # A row's first label is never a target (each token predicts the next one).
-        if need_labels and not bool((labels[:, 1:] != state.loss_ignore_index).any()):
-            raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
+        # A row's first real token is never a target (each token predicts the next one), and
+        # padding is dropped when rows are packed: count what the loss will see.
+        if need_labels:
+            real = batch["attention_mask"].bool()
+            if not any(bool((labels[r][real[r]][1:] != state.loss_ignore_index).any()) for r in range(len(labels))):
+                raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
         return batch
 
     def _pad_token_id(self, state: AdapterState) -> int:
@@ -590,6 +597,11 @@ class MultiLoraTransformersModel(ModelAPI):
             weights = load_file(folder / ckpt.ADAPTER_WEIGHTS)
             self._check_weights(state, weights)
             training_state = ckpt.load_training_state(folder) if load_optimizer else None
+            generator_state = None if training_state is None else training_state.get("generator")
+            if generator_state is not None and (
+                state.generator is None or generator_state.numel() != state.generator.get_state().numel()
+            ):
+                generator_state = None  # saved on another kind of device: this adapter's stream goes on
             optimizer, scheduler = (None, None)
             if training_state is not None:
                 optimizer, scheduler = self._rebuild_optimizer(state, training_state)
@@ -617,9 +629,8 @@ class MultiLoraTransformersModel(ModelAPI):
             grads = training_state["grads"]
             for param, grad in zip(self._params(state), grads or [None] * len(self._params(state)), strict=True):
                 param.grad = None if grad is None else grad.to(param.device, param.dtype)
-            saved = training_state.get("generator")
-            if saved is not None and state.generator is not None:
-                state.generator.set_state(saved)
+            if generator_state is not None and state.generator is not None:
+                state.generator.set_state(generator_state)
 
     def _check_weights(self, state: AdapterState, weights: dict[str, torch.Tensor]) -> None:
         assert self._peft is not None
