@@ -15,7 +15,6 @@ warm up) until every loss is read, per micro-batch; printed as a table, then one
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -28,36 +27,28 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stress.common import LoopbackProxy, Report, add_user, client_env, last_json_line, start_server, work_dir
+from stress.common import (
+    LoopbackProxy,
+    Report,
+    add_user,
+    client_env,
+    last_json_line,
+    seed_setup,
+    start_server,
+    work_dir,
+)
 
 WARMUP = 2
 
 
 def seed_loop(side: str, rows: int, url: str | None, key: str | None, output_dir: str) -> dict[str, Any]:
     """The seed loop with ``twinkle`` (local) or ``twinkle_client`` (remote); per-micro-batch ms."""
-    from peft import LoraConfig
-
-    pkg = "twinkle" if side == "local" else "twinkle_client"
-    dataset_mod = importlib.import_module(f"{pkg}.dataset")
-    loader_mod = importlib.import_module(f"{pkg}.dataloader")
-    model_mod = importlib.import_module(f"{pkg}.model")
     if side == "remote":
         from twinkle_client import init_twinkle_client
 
         init_twinkle_client(base_url=url, api_key=key)
-    dataset = dataset_mod.Dataset(dataset_meta=dataset_mod.DatasetMeta("builtin://self-cognition", data_slice=range(rows)))
-    dataset.set_template("Template", model_id="builtin://tiny-qwen2", max_length=512)
-    dataset.map("SelfCognitionProcessor", init_args={"model_name": "twinkle模型", "model_author": "twinkle团队"})
-    dataset.encode(batched=True)
-    dataloader = loader_mod.DataLoader(dataset=dataset, batch_size=8)
-    kwargs = {"output_dir": output_dir} if side == "local" else {}
-    model = model_mod.MultiLoraTransformersModel(model_id="builtin://tiny-qwen2", **kwargs)
-    model.add_adapter_to_model("default", LoraConfig(target_modules="all-linear"), gradient_accumulation_steps=2)
-    model.set_template("Template")
-    model.set_processor("InputProcessor", padding_side="right")
-    model.set_loss("CrossEntropyLoss")
-    model.set_optimizer("AdamW", lr=1e-4)
-    model.set_lr_scheduler("LinearLR")
+    package = "twinkle" if side == "local" else "twinkle_client"
+    dataloader, model = seed_setup(package, rows, **({"output_dir": output_dir} if side == "local" else {}))
     outputs = []
     start = 0.0
     for i, batch in enumerate(dataloader):

@@ -702,6 +702,32 @@ def _get(point: Any, name: str) -> Any:
 SEED_ROWS = 96
 
 
+def seed_setup(package: str, rows: int, **model_kwargs: Any) -> tuple[Any, Any]:
+    """The seed's dataloader and model (tests/data/seed_example.py: the built-in model and
+    dataset, batch 8, gradient accumulation 2, AdamW 1e-4, LinearLR) from ``package``:
+    ``twinkle`` (local) or ``twinkle_client`` (remote; connect first)."""
+    import importlib
+
+    from peft import LoraConfig
+
+    datasets = importlib.import_module(f"{package}.dataset")
+    loaders = importlib.import_module(f"{package}.dataloader")
+    models = importlib.import_module(f"{package}.model")
+    dataset = datasets.Dataset(dataset_meta=datasets.DatasetMeta("builtin://self-cognition", data_slice=range(rows)))
+    dataset.set_template("Template", model_id="builtin://tiny-qwen2", max_length=512)
+    dataset.map("SelfCognitionProcessor", init_args={"model_name": "twinkle模型", "model_author": "twinkle团队"})
+    dataset.encode(batched=True)
+    dataloader = loaders.DataLoader(dataset=dataset, batch_size=8)
+    model = models.MultiLoraTransformersModel(model_id="builtin://tiny-qwen2", **model_kwargs)
+    model.add_adapter_to_model("default", LoraConfig(target_modules="all-linear"), gradient_accumulation_steps=2)
+    model.set_template("Template")
+    model.set_processor("InputProcessor", padding_side="right")
+    model.set_loss("CrossEntropyLoss")
+    model.set_optimizer("AdamW", lr=1e-4)
+    model.set_lr_scheduler("LinearLR")
+    return dataloader, model
+
+
 def seed_loop(url: str, key: str, *, rows: int = SEED_ROWS, epochs: int = 1,
               retry_timeout: float | None = None,
               on_iteration: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -712,28 +738,12 @@ def seed_loop(url: str, key: str, *, rows: int = SEED_ROWS, epochs: int = 1,
     returning True), the adapter's ``cur_step``, the run id and the checkpoint path.
     ``on_iteration(i)`` runs after each iteration's calls are queued.
     """
-    from peft import LoraConfig
-
     from twinkle_client import init_twinkle_client
-    from twinkle_client.dataloader import DataLoader
-    from twinkle_client.dataset import Dataset, DatasetMeta
-    from twinkle_client.model import MultiLoraTransformersModel
 
     kwargs = {} if retry_timeout is None else {"retry_timeout": retry_timeout}
     client = init_twinkle_client(base_url=url, api_key=key, **kwargs)
     client.list_training_runs()
-    dataset = Dataset(dataset_meta=DatasetMeta("builtin://self-cognition", data_slice=range(rows)))
-    dataset.set_template("Template", model_id="builtin://tiny-qwen2", max_length=512)
-    dataset.map("SelfCognitionProcessor", init_args={"model_name": "twinkle模型", "model_author": "twinkle团队"})
-    dataset.encode(batched=True)
-    dataloader = DataLoader(dataset=dataset, batch_size=8)
-    model = MultiLoraTransformersModel(model_id="builtin://tiny-qwen2")
-    model.add_adapter_to_model("default", LoraConfig(target_modules="all-linear"), gradient_accumulation_steps=2)
-    model.set_template("Template")
-    model.set_processor("InputProcessor", padding_side="right")
-    model.set_loss("CrossEntropyLoss")
-    model.set_optimizer("AdamW", lr=1e-4)
-    model.set_lr_scheduler("LinearLR")
+    dataloader, model = seed_setup("twinkle_client", rows)
     outputs, steps = [], []
     i = -1
     for _epoch in range(epochs):

@@ -46,6 +46,7 @@ from stress.common import (  # noqa: E402
     max_abs_diff,
     run_points,
     seed_loop,
+    seed_setup,
     start_server,
     wait_for,
     work_dir,
@@ -56,28 +57,13 @@ def loop_through_outage(url: str, key: str, proxy: LoopbackProxy, *, rows: int, 
                         retry_timeout: float | None) -> dict[str, Any]:
     """The seed's loop; the outage starts once iteration ``at`` is queued. Errors are caught per
     iteration, then the loop waits for the server and goes on with the next batch."""
-    from peft import LoraConfig
 
     from twinkle.errors import TwinkleError
     from twinkle_client import init_twinkle_client
-    from twinkle_client.dataloader import DataLoader
-    from twinkle_client.dataset import Dataset, DatasetMeta
-    from twinkle_client.model import MultiLoraTransformersModel
 
     kwargs = {} if retry_timeout is None else {"retry_timeout": retry_timeout}
     client = init_twinkle_client(base_url=url, api_key=key, **kwargs)
-    dataset = Dataset(dataset_meta=DatasetMeta("builtin://self-cognition", data_slice=range(rows)))
-    dataset.set_template("Template", model_id="builtin://tiny-qwen2", max_length=512)
-    dataset.map("SelfCognitionProcessor", init_args={"model_name": "twinkle模型", "model_author": "twinkle团队"})
-    dataset.encode(batched=True)
-    dataloader = DataLoader(dataset=dataset, batch_size=8)
-    model = MultiLoraTransformersModel(model_id="builtin://tiny-qwen2")
-    model.add_adapter_to_model("default", LoraConfig(target_modules="all-linear"), gradient_accumulation_steps=2)
-    model.set_template("Template")
-    model.set_processor("InputProcessor", padding_side="right")
-    model.set_loss("CrossEntropyLoss")
-    model.set_optimizer("AdamW", lr=1e-4)
-    model.set_lr_scheduler("LinearLR")
+    dataloader, model = seed_setup("twinkle_client", rows)
     model.get_train_state()
 
     state: dict[str, Any] = {"began": None, "ended": None}
