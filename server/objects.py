@@ -71,6 +71,9 @@ class RemoteObject:
     handled_through: int = 0
     """The last seq of the latest batch handled (run, failed or refused): a batch sent after it
     (``CallBatch.after``) may run."""
+    arrived: set[int] = field(default_factory=set)
+    """Last seqs of the batches that have arrived and are not handled yet: a batch whose
+    predecessor is among them waits for it however long it runs."""
     failed_seqs: list[int] = field(default_factory=list)
     """Seqs of the calls of this object that failed when they ran, in order."""
     gaps: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RESULTS_KEPT))

@@ -227,6 +227,8 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                      identities: list[tuple[str, str]], request_id: str | None,
                      hub: HubCredentials) -> CallBatchResult:
     obj = ctx.objects.acquire(user.id, object_id)
+    last = batch.calls[-1].seq
+    obj.arrived.add(last)
     try:
         arrived_in_time = await _wait_for_predecessor(obj, batch)
         async with obj.lock:
@@ -236,18 +238,20 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                 results = await _run_calls(ctx, user, obj, batch, identities, request_id, hub, arrived_in_time)
             finally:
                 async with obj.turn:
-                    obj.handled_through = max(obj.handled_through, batch.calls[-1].seq)
+                    obj.handled_through = max(obj.handled_through, last)
                     obj.turn.notify_all()
             # The failures up to this batch's last call, not later ones: a reply to a resent
             # batch must not tell its client about a failure it has not been shown.
             return CallBatchResult(results=results, failures=obj.failures_through(batch.calls[-1].seq))
     finally:
+        obj.arrived.discard(last)
         ctx.objects.release(obj)
 
 
 async def _wait_for_predecessor(obj: RemoteObject, batch: CallBatch) -> bool:
     """Hold a pipelined batch until the one its client sent before it was handled (requests of
-    one client may arrive out of order); False if that did not happen within ``ORDER_WAIT_S``."""
+    one client may arrive out of order); False if that one did not even arrive within
+    ``ORDER_WAIT_S`` (one that arrived is waited for however long its calls run)."""
     after = batch.after
     if after is None or obj.handled_through >= after:
         return True
@@ -256,7 +260,9 @@ async def _wait_for_predecessor(obj: RemoteObject, batch: CallBatch) -> bool:
         # In slices: a deleted object (closed from another thread) must not hold a request.
         while obj.handled_through < after and not obj.closed:
             left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
+            if after in obj.arrived:
+                left = 1.0  # it is here and running (or queued): wait for it
+            elif left <= 0:
                 return False
             try:
                 await asyncio.wait_for(obj.turn.wait(), min(left, 1.0))
@@ -308,7 +314,9 @@ def _refusal(obj: RemoteObject, batch: CallBatch, arrived_in_time: bool) -> str 
     if not arrived_in_time:
         return (f"not run: the calls sent before it (up to seq {batch.after}) did not arrive "
                 f"within {ORDER_WAIT_S:.0f} s")
-    if batch.failures is not None and batch.failures < obj.failures_through(batch.after):
+    # Every seq below the batch's first call was sent before it (even where ``after`` was set
+    # back after a request the client gave up on).
+    if batch.failures is not None and batch.failures < obj.failures_through(max(batch.after, batch.calls[0].seq - 1)):
         return "not run: an earlier call of this object failed"
     return None
 

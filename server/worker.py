@@ -236,7 +236,11 @@ class FairExecutor:
 
 
 def _own_copy(exc: BaseException) -> BaseException:
-    twin = copy.copy(exc)
+    try:
+        twin = copy.copy(exc).with_traceback(exc.__traceback__)
+        twin.__cause__, twin.__context__ = exc.__cause__, exc.__context__
+    except Exception:  # an exception that cannot be copied: share it rather than fail
+        return exc
     if isinstance(getattr(twin, "aliases", None), dict):
         twin.aliases = dict(twin.aliases)  # type: ignore[attr-defined]
     return twin

@@ -50,3 +50,10 @@ def test_batches_run_in_the_order_sent_and_a_failure_blocks_those_in_flight(serv
     # Sent after the client saw the failure (failures=1), the next batch runs.
     state = client.body(client.post(path, batch(8, "get_train_state", 7, 1)))
     assert state["results"][0]["ok"] and state["results"][0]["value"]["micro_step"] == 1
+
+    # A client that gave up on a request sends its next batch with ``after`` set back; a call
+    # before it that failed meanwhile (unseen: failures=2 on the server, 1 on the client)
+    # still keeps it from running.
+    assert not client.body(client.post(path, batch(9, "set_loss", 8, 1, "NoSuchLoss")))["results"][0]["ok"]
+    late = client.body(client.post(path, batch(11, "get_train_state", 0, 1)))
+    assert late["results"][0]["error"]["blocked"], late

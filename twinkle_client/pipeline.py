@@ -239,7 +239,10 @@ class Pipeline:
             with self._cond:
                 self._cond.notify_all()
 
-        threading.Thread(target=post, name=f"twinkle-post-{self.label}", daemon=True).start()
+        try:
+            threading.Thread(target=post, name=f"twinkle-post-{self.label}", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: the batch fails, its futures settle
+            future.set_result(TwinkleError(f"the twinkle client could not send the calls: {exc}"))
         return future
 
     def _post(self, payload: dict[str, Any]) -> tuple[list[CallResult], int] | TwinkleError:
