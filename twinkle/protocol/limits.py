@@ -30,6 +30,7 @@ MAX_BATCHES_IN_FLIGHT = 2
 """Call batches of one object a client keeps in flight: while the server runs one, the next is
 already there, so the device does not wait a round trip between them."""
 ORDER_WAIT_S = 30.0
-"""How long the server holds a batch whose predecessor (``CallBatch.after``) has not been
-handled; then its calls are refused, not run (a lost request is resent within seconds, and
-the batch behind it came over the same network)."""
+"""How long the server holds a batch whose predecessor (``CallBatch.after``) has not arrived;
+then its calls are refused, not run (a lost request is resent within seconds, and the batch
+behind it came over the same network). A predecessor that arrived is waited for however
+long its calls run."""
