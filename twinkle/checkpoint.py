@@ -15,13 +15,11 @@ so a crash mid-save leaves nothing that looks like a checkpoint.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -91,29 +89,6 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and (where present) CUDA RNG states, as plain tensors and lists."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": _to_plain(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``."""
-    random.setstate(_to_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_training_state(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, folder / TRAINING_STATE)
 
@@ -124,15 +99,3 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{folder} has an unreadable {TRAINING_STATE}: {exc}") from None
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _to_tuple(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_to_tuple(v) for v in value)
-    return value

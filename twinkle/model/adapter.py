@@ -29,6 +29,8 @@ class AdapterState:
     peft_name: str
     config: LoraConfig
     gradient_accumulation_steps: int
+    generator: torch.Generator
+    """The adapter's own random numbers (its LoRA dropout), saved with its training state."""
     template: Template | None = None
     processor: InputProcessor | None = None
     loss: Loss = field(default_factory=CrossEntropyLoss)
@@ -49,8 +51,6 @@ class AdapterState:
     last_grad_norm: float | None = None
     window_grad_norm: float | None = None
     """The gradient norm ``clip_grad_norm`` measured in the current (or just stepped) window."""
-    generator: torch.Generator | None = None
-    """The adapter's own random numbers (its LoRA dropout), saved with its training state."""
     params: list[torch.nn.Parameter] = field(default_factory=list)
     """The adapter's trainable weights, in a fixed order (optimizer, checkpoints)."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,49 +120,49 @@ def install(model: nn.Module, adapter: str, generator: torch.Generator) -> None:
 
 
 def _linear_forward(self: lora.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    parts = _ACTIVE.segments
-    if parts is None:  # outside a twinkle pass (e.g. plain peft use of the same model)
+    if _ACTIVE.segments is None:  # outside a twinkle pass (e.g. plain peft use of the same model)
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
-    pieces = []
-    for seg in parts:
-        base = result[:, seg.start:seg.end]
-        if seg.adapter not in self.lora_A:
-            pieces.append(base)
-            continue
-        xs = self._cast_input_dtype(x[:, seg.start:seg.end], self.lora_A[seg.adapter].weight.dtype)
-        if seg.adapter in self.lora_variant:  # DoRA: peft's own code on this segment
-            pieces.append(self.lora_variant[seg.adapter].forward(self, active_adapter=seg.adapter, x=xs, result=base))
-        else:
-            a, b = self.lora_A[seg.adapter], self.lora_B[seg.adapter]
-            pieces.append(base + b(a(self.lora_dropout[seg.adapter](xs))) * self.scaling[seg.adapter])
-    return _join(pieces, result).to(dtype)
+
+    def cast(name: str, xs: torch.Tensor) -> torch.Tensor:
+        return self._cast_input_dtype(xs, self.lora_A[name].weight.dtype)
+
+    def update(name: str, xs: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](xs))) * self.scaling[name]
+
+    return _segmentwise(self, x, self.base_layer(x, *args, **kwargs), self.lora_A, update, cast)
 
 
 def _embedding_forward(self: lora.Embedding, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    parts = _ACTIVE.segments
-    if parts is None:
+    if _ACTIVE.segments is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
     scale = self._get_embed_scale()
+
+    def update(name: str, xs: torch.Tensor) -> torch.Tensor:
+        delta = (self._embed(xs, self.lora_embedding_A[name].T) @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return delta if scale is None else delta * scale.to(delta.dtype)
+
+    return _segmentwise(self, x, self.base_layer(x, *args, **kwargs), self.lora_embedding_A, update)
+
+
+def _segmentwise(layer: Any, x: torch.Tensor, result: torch.Tensor, own: Any,
+                 update: Callable[[str, torch.Tensor], torch.Tensor],
+                 cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The base layer's ``result`` plus, on each segment's tokens, that segment's adapter's
+    update (``own``: the adapters this layer holds; DoRA and other variants run peft's code)."""
     pieces = []
-    for seg in parts:
+    for seg in _ACTIVE.segments or ():
         base = result[:, seg.start:seg.end]
-        if seg.adapter not in self.lora_embedding_A:
+        if seg.adapter not in own:
             pieces.append(base)
             continue
         xs = x[:, seg.start:seg.end]
-        if seg.adapter in self.lora_variant:
-            pieces.append(self.lora_variant[seg.adapter].forward(self, active_adapter=seg.adapter, x=xs, result=base))
-            continue
-        after_a = self._embed(xs, self.lora_embedding_A[seg.adapter].T)
-        delta = (after_a @ self.lora_embedding_B[seg.adapter].T) * self.scaling[seg.adapter]
-        if scale is not None:
-            delta = delta * scale.to(delta.dtype)
-        pieces.append(base + delta)
-    return _join(pieces, result).to(dtype)
+        if cast is not None:
+            xs = cast(seg.adapter, xs)
+        if seg.adapter in layer.lora_variant:
+            pieces.append(layer.lora_variant[seg.adapter].forward(layer, active_adapter=seg.adapter, x=xs, result=base))
+        else:
+            pieces.append(base + update(seg.adapter, xs))
+    return _join(pieces, result).to(result.dtype)
 
 
 def _join(pieces: list[torch.Tensor], whole: torch.Tensor) -> torch.Tensor:

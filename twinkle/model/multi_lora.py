@@ -370,12 +370,12 @@ class MultiLoraTransformersModel(ModelAPI):
     def _run_passes(self, parts: list[_Part], *, train: bool, results: list[Any]) -> None:
         """One pass for ``parts``; if it fails, each part alone (so one part's trouble, such as
         a batch too big for the device, is that part's error only)."""
-        drawn = [p.state.generator.get_state() for p in parts if p.state.generator is not None]
+        drawn = [p.state.generator.get_state() for p in parts]
         try:
             outputs = self._pass(parts, train)
         except Exception as exc:
             # The parts run again (alone) or fail: either way as if this pass never drew.
-            for p, state in zip((p for p in parts if p.state.generator is not None), drawn, strict=True):
+            for p, state in zip(parts, drawn, strict=True):
                 p.state.generator.set_state(state)
             if len(parts) > 1:
                 for part in parts:
@@ -568,7 +568,7 @@ class MultiLoraTransformersModel(ModelAPI):
                     else None
                 ),
                 # The adapter's own generator (its dropout); torch's global RNG is every tenant's.
-                "generator": state.generator.get_state() if state.generator is not None else None,
+                "generator": state.generator.get_state(),
             }
             ckpt.save_training_state(folder, training_state)
         ckpt.CheckpointMeta(
@@ -598,9 +598,7 @@ class MultiLoraTransformersModel(ModelAPI):
             self._check_weights(state, weights)
             training_state = ckpt.load_training_state(folder) if load_optimizer else None
             generator_state = None if training_state is None else training_state.get("generator")
-            if generator_state is not None and (
-                state.generator is None or generator_state.numel() != state.generator.get_state().numel()
-            ):
+            if generator_state is not None and generator_state.numel() != state.generator.get_state().numel():
                 generator_state = None  # saved on another kind of device: this adapter's stream goes on
             optimizer, scheduler = (None, None)
             if training_state is not None:
@@ -629,7 +627,7 @@ class MultiLoraTransformersModel(ModelAPI):
             grads = training_state["grads"]
             for param, grad in zip(self._params(state), grads or [None] * len(self._params(state)), strict=True):
                 param.grad = None if grad is None else grad.to(param.device, param.dtype)
-            if generator_state is not None and state.generator is not None:
+            if generator_state is not None:
                 state.generator.set_state(generator_state)
 
     def _check_weights(self, state: AdapterState, weights: dict[str, torch.Tensor]) -> None:
