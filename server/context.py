@@ -85,30 +85,14 @@ class ServerContext:
         """A model call that may share a device pass with other users' calls (see ``Fusable``);
         its own parts run with the user's hub credentials, as ``run`` does."""
         credentials = hub or HubCredentials()
-        begin, end = fusable.begin, fusable.end
-
-        def begin_as_user() -> Any:
-            with hub_credentials(credentials):
-                return begin()
-
-        def end_as_user(prepared: Any, outcome: Any) -> Any:
-            with hub_credentials(credentials):
-                return end(prepared, outcome)
-
-        mine = replace(fusable, begin=begin_as_user, end=end_as_user)
+        mine = replace(fusable, begin=_as_user(credentials, fusable.begin), end=_as_user(credentials, fusable.end))
         return await asyncio.wrap_future(self.worker.submit(user_id, fusable=mine))
 
     async def run(self, obj_kind: str, user_id: int, fn: Callable[[], T],
                   hub: HubCredentials | None = None) -> T:
         """``submit`` and await, without blocking the event loop. The work runs with the user's
         hub credentials (anonymous when none were sent), never the server's."""
-        credentials = hub or HubCredentials()
-
-        def as_user() -> T:
-            with hub_credentials(credentials):
-                return fn()
-
-        return await asyncio.wrap_future(self.submit(obj_kind, user_id, as_user))
+        return await asyncio.wrap_future(self.submit(obj_kind, user_id, _as_user(hub or HubCredentials(), fn)))
 
     def close_object(self, obj: RemoteObject, why: str) -> None:
         """Release what an object holds (a model's adapters and runs), from any thread but the loop."""
@@ -130,3 +114,13 @@ class ServerContext:
         self.worker.stop()
         self.data_pool.stop(timeout=0)  # queued data work is cancelled; running work is not awaited
         self.store.close()
+
+
+def _as_user(credentials: HubCredentials, fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` run with ``credentials`` as the hub credentials of whatever it downloads or uploads."""
+
+    def wrapped(*args: Any) -> T:
+        with hub_credentials(credentials):
+            return fn(*args)
+
+    return wrapped

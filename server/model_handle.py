@@ -107,11 +107,10 @@ class ModelHandle:
         call = self.begin(method, args, kwargs, request_id=request_id)
         run = _EFFECTS.get(call.spec.effect, _PLAIN)[1]
         try:
-            value = run(self, call)
+            outcome = run(self, call)
         except TwinkleError as err:
-            err.aliases.update(call.aliases)  # the scrubber shows the user's names
-            raise
-        return self.end(call, value)
+            outcome = err  # ``end`` raises it, with the user's names
+        return self.end(call, outcome)
 
     def begin(self, method: str, args: list[Any], kwargs: dict[str, Any], *,
               request_id: str | None = None) -> _Call:
@@ -123,7 +122,7 @@ class ModelHandle:
             self._translate(call)
             _EFFECTS.get(spec.effect, _PLAIN)[0](self, call)
         except TwinkleError as err:
-            err.aliases.update(call.aliases)
+            err.aliases.update(call.aliases)  # the scrubber shows the user's names
             raise
         return call
 

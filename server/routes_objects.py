@@ -242,7 +242,7 @@ async def _run_batch(ctx: ServerContext, user: User, object_id: str, batch: Call
                     obj.turn.notify_all()
             # The failures up to this batch's last call, not later ones: a reply to a resent
             # batch must not tell its client about a failure it has not been shown.
-            return CallBatchResult(results=results, failures=obj.failures_through(batch.calls[-1].seq))
+            return CallBatchResult(results=results, failures=obj.failures_through(last))
     finally:
         obj.arrived.discard(last)
         ctx.objects.release(obj)

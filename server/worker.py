@@ -176,14 +176,14 @@ class FairExecutor:
             while j < len(self._order):
                 key = self._order[j]
                 head = self._queues[key][0][2]
+                # A key already taken may be back in line (it had more calls): one call per user.
                 joins = (
-                    key != taken[0][0] and all(key != k for k, _ in taken)
-                    and (self.per_key is None or self._running.get(key, 0) < self.per_key)
-                    and head is not None and head.group == first.group
+                    head is not None and head.group == first.group
                     and tokens + head.tokens <= self.fuse_tokens
+                    and all(key != k for k, _ in taken)
+                    and (self.per_key is None or self._running.get(key, 0) < self.per_key)
                 )
                 if joins:
-                    assert head is not None
                     tokens += head.tokens
                     taken.append(self._take(j))  # removes _order[j]; the same j is the next key
                 else:

@@ -772,23 +772,6 @@ def seed_step(model: Any) -> Any:
     return output
 
 
-def wait_submitted(remote: Any, wire: Wire, method: str) -> None:
-    """Wait until ``method`` is queued on the remote object's pipeline or sent."""
-    pipeline = remote._twinkle_pipeline
-
-    def submitted() -> bool:
-        with pipeline._cond:
-            if any(p.method == method for p in pipeline._queue):
-                return True
-        return any(method in s.methods for s in wire.requests("calls", remote.object_id))
-
-    deadline = time.monotonic() + DEADLINE
-    while not submitted():
-        assert time.monotonic() < deadline, f"{method} was never submitted"
-        with pipeline._cond:
-            pipeline._cond.wait(0.05)  # woken when the queue changes; the wire has no event of its own
-
-
 # =============================================================================== pipeline
 
 
@@ -895,7 +878,9 @@ def test_a_waiting_call_behind_a_failure_raises_the_real_error(fake: FakeTwinkle
 
     saver = threading.Thread(target=save)
     saver.start()
-    wait_submitted(model, fake.wire, "save")  # save waits behind the step that is about to fail
+    # save goes out behind the held step (the second batch in flight) and waits there too
+    fake.wire.wait_for(lambda: any("save" in r.methods for r in fake.wire.requests("calls", model.object_id)),
+                       "save sent")
     fake.wire.release()
     saver.join(DEADLINE)
     error = outcome["error"]

@@ -282,17 +282,17 @@ class Pipeline:
                 self._last_sent_seq = self._last_answered_seq
         else:
             results, server_failures = outcome
+            by_seq = {r.seq: r for r in results}
+            # A reply that lists every call, or stops at a failure, shows the server handled
+            # the batch; one without the calls' results (a proxy, a bug) does not, and then the
+            # next batch must not wait for it either.
+            handled = all(p.seq in by_seq for p in batch) or not all(r.ok for r in results)
             with self._cond:
                 self._server_failures = max(self._server_failures, server_failures)
-                answered = [r.seq for r in results]
-                if answered and all(p.seq in set(answered) for p in batch) or not all(r.ok for r in results):
+                if handled:
                     self._last_answered_seq = max(self._last_answered_seq, batch[-1].seq)
-            by_seq = {r.seq: r for r in results}
-            if any(p.seq not in by_seq for p in batch) and all(r.ok for r in results):
-                with self._cond:
-                    # A reply without the calls' results: the server may not have handled the
-                    # batch (a proxy, a bug), so the next one must not wait for it.
-                    self._last_sent_seq = min(self._last_sent_seq, self._last_answered_seq)
+                else:
+                    self._last_sent_seq = self._last_answered_seq
             for p in batch:
                 if failure is not None:
                     settled.append((p.future, None, _blocked(failure, failed_call)))

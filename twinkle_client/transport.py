@@ -191,7 +191,8 @@ class Transport:
     def retrying_for(self, seconds: float) -> Iterator[None]:
         """Within the block, requests made by this thread retry for at most ``seconds``."""
         previous = getattr(self._local, "retry", None)
-        self._local.retry = replace(previous or self.retry, total_s=min(seconds, (previous or self.retry).total_s))
+        base = previous or self.retry
+        self._local.retry = replace(base, total_s=min(seconds, base.total_s))
         try:
             yield
         finally:
