@@ -22,6 +22,7 @@ weight-gradient matmuls; attention not counted) and peak memory; a table, then o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     table, figures = [], []
     for size in sizes:
         folder = build(size, work / f"model-{size}", dtype)
-        params = sum(v.numel() for v in _weights(folder))
+        params = _param_count(folder)
         runs = peft_runs(folder, args, device, dtype)
         _free(device)
         runs += twinkle_runs(folder, args, device, dtype)
@@ -256,25 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _weights(folder: Path) -> list[Any]:
+def _param_count(folder: Path) -> int:
+    """Parameters of the saved model, read from its safetensors headers."""
     from safetensors import safe_open
 
-    out = []
+    total = 0
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
-            out += [f.get_slice(k) for k in f.keys()]
-    return [_Shape(s.get_shape()) for s in out]
-
-
-class _Shape:
-    def __init__(self, shape: list[int]) -> None:
-        self.shape = shape
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
 
 
 if __name__ == "__main__":
