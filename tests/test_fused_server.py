@@ -9,7 +9,6 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,14 @@ RTOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 
 CLIENT = textwrap.dedent('''
-    import json, sys, time
-    from pathlib import Path
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     from peft import LoraConfig
     from support.tenants import Tenant
     from twinkle_client import init_twinkle_client
     from twinkle_client.model import MultiLoraTransformersModel
 
-    url, key, spec, go, steps = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), Path(sys.argv[5]), int(sys.argv[6])
+    url, key, spec, steps = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
     t = Tenant(**spec)
     init_twinkle_client(base_url=url, api_key=key)
     model = MultiLoraTransformersModel(model_id="builtin://tiny-qwen2")
@@ -43,9 +41,8 @@ CLIENT = textwrap.dedent('''
     model.set_optimizer("AdamW", lr=1e-2)
     model.set_lr_scheduler("LinearLR")
     model.get_train_state()
-    Path(sys.argv[7]).touch()
-    while not go.exists():
-        time.sleep(0.01)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": every client holds its adapter
     outs, norms = [], []
     for step in range(steps):
         outs.append(model.forward_backward(inputs=t.batch(step)))
@@ -84,27 +81,25 @@ def test_three_users_training_at_once_each_get_their_alone_results(tmp_path, sta
     data = tmp_path / "data"
     server = start_server(data, "--max-loras", "4", "--max-loras-per-user", "1", "--dtype", "float32",
                           "--fuse-tokens", "32768")  # on by default on CUDA only
-    go = tmp_path / "go"
-    procs, ready = [], []
+    procs = []
     try:
         keys = []
         for i, t in enumerate(group):
             key = add_user(data, f"user{i}")
             keys.append(key)
-            ready.append(tmp_path / f"ready{i}")
             spec = json.dumps({"name": t.name, "r": t.r, "rows": t.rows, "gas": t.gas, "dropout": t.dropout,
                                "seed": t.seed})
             procs.append(subprocess.Popen(
-                [sys.executable, "-c", CLIENT, str(ROOT / "tests"), server.url, key, spec, str(go), str(STEPS),
-                 str(ready[i])],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                [sys.executable, "-c", CLIENT, str(ROOT / "tests"), server.url, key, spec, str(STEPS)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
             ))
         expected = {t.name: alone(tmp_path / "alone", t) for t in group}
-        for p, r in zip(procs, ready, strict=True):  # every client holds its adapter: start together
-            while not r.exists():
-                assert p.poll() is None, p.communicate()[1][-2000:]
-                time.sleep(0.02)  # polling for the file, not ordering anything
-        go.touch()
+        for p in procs:  # each says when it holds its adapter; then all start together
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.communicate()[1][-2000:]
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
         got = {}
         for t, p in zip(group, procs, strict=True):
             out, err = p.communicate(timeout=600)
