@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # annotations only: this module never imports peft or torch
 
     from .dataset_meta import DatasetMeta
     from .outputs import ForwardBackwardOutput, ForwardOutput
+    from .sampling import SampleResponse, SamplingParams
 
 F = TypeVar("F", bound=Callable[..., Any])
 _SPEC = "__twinkle_method__"
@@ -381,6 +382,22 @@ class ModelAPI(Declaration):
         """``clip_grad_norm``, ``step``, ``zero_grad`` and ``lr_step`` in one call; returns the norm."""
 
     @declare(args=_ADAPTER)
+    def sample(
+        self,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        num_samples: int = 1,
+        *,
+        adapter_name: str | None = None,
+    ) -> list[SampleResponse]:
+        """Generate from the adapter's current weights (no save needed); the adapter is not changed.
+
+        ``inputs`` is one conversation (a list of ``{'role', 'content'}`` messages, encoded with
+        the adapter's template and a generation prompt), one list of token ids, or a list of
+        either. Returns one ``SampleResponse`` per input, each with ``num_samples`` sequences.
+        """
+
+    @declare(args=_ADAPTER)
     def get_train_state(self, *, adapter_name: str | None = None) -> dict[str, Any]:
         """The adapter's counters: steps, consumed samples, accumulation position, LR, last loss."""
 
@@ -553,14 +570,63 @@ class DataLoaderAPI(Declaration):
         fetched in chunks (see ``START_EPOCH`` and ``NEXT_BATCHES``)."""
 
 
+class SamplerAPI(Declaration):
+    """Generates text from the base model, from any checkpoint, or from named checkpoints.
+
+    Typical use::
+
+        sampler = TorchSampler('builtin://tiny-qwen2')
+        answers = sampler.sample([{'role': 'user', 'content': 'who are you?'}],
+                                 {'max_tokens': 64, 'temperature': 0}, adapter_uri=checkpoint)
+        print(answers[0].sequences[0].decoded)
+
+    To sample from an adapter while it trains, use the model's own ``sample``.
+    """
+
+    _declaration = True
+
+    def __init__(self, model_id: str = "builtin://tiny-qwen2", *, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        """Sample from ``model_id`` (on a server: the base model it serves)."""
+
+    @declare(deferred=True, args={"kwargs": Arg.MODEL_ID})
+    def set_template(self, template_cls: str = "Template", **kwargs: Any) -> None:
+        """Set the chat template that encodes conversations (defaults to the model's tokenizer)."""
+
+    @declare(args={"adapter_uri": Arg.CHECKPOINT})
+    def add_adapter_to_sampler(self, adapter_name: str, adapter_uri: str) -> None:
+        """Name a checkpoint, so that ``sample(adapter_name=...)`` samples from it."""
+
+    @declare(args={"adapter_uri": Arg.CHECKPOINT})
+    def sample(
+        self,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        adapter_name: str = "",
+        adapter_uri: str | None = None,
+        num_samples: int = 1,
+    ) -> list[SampleResponse]:
+        """Generate from the base model (no ``adapter_name`` or ``adapter_uri``), from the
+        checkpoint at ``adapter_uri`` (a folder locally, a ``twinkle://`` path on a server, as
+        ``save`` returns it) or from one named with ``add_adapter_to_sampler``.
+
+        ``inputs`` is one conversation (a list of ``{'role', 'content'}`` messages, encoded with
+        the template and a generation prompt), one list of token ids, or a list of either.
+        Returns one ``SampleResponse`` per input, each with ``num_samples`` sequences: their
+        ``tokens``, ``logprobs``, ``decoded`` text and ``stop_reason`` (``'stop'`` or ``'length'``).
+        """
+
+
 _finish(ModelAPI, "model", "MultiLoraTransformersModel")
 _finish(DatasetAPI, "dataset", "Dataset")
 _finish(DataLoaderAPI, "dataloader", "DataLoader")
+_finish(SamplerAPI, "sampler", "TorchSampler")
 
 MODEL: ApiClass = ModelAPI.__twinkle_api__  # type: ignore[attr-defined]
 DATASET: ApiClass = DatasetAPI.__twinkle_api__  # type: ignore[attr-defined]
 DATALOADER: ApiClass = DataLoaderAPI.__twinkle_api__  # type: ignore[attr-defined]
-API_BY_KIND: dict[str, ApiClass] = {api.kind: api for api in (MODEL, DATASET, DATALOADER)}
+SAMPLER: ApiClass = SamplerAPI.__twinkle_api__  # type: ignore[attr-defined]
+API_BY_KIND: dict[str, ApiClass] = {api.kind: api for api in (MODEL, DATASET, DATALOADER, SAMPLER)}
 
 # A remote dataloader replaces ``__iter__`` by these two calls: an epoch is fetched in chunks.
 START_EPOCH = "_twinkle_start_epoch"

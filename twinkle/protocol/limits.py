@@ -34,3 +34,11 @@ ORDER_WAIT_S = 30.0
 then its calls are refused, not run (a lost request is resent within seconds, and the batch
 behind it came over the same network). A predecessor that arrived is waited for however
 long its calls run."""
+MAX_SAMPLE_TOKENS = 2048
+"""Tokens one sampled sequence may generate (``SamplingParams.max_tokens``)."""
+MAX_SAMPLE_SEQUENCES = 64
+"""Sequences one ``sample`` call generates at most: its inputs times ``num_samples``."""
+MAX_STOP_SEQUENCES = 16
+"""Stop strings and token ids one ``sample`` call may give."""
+MAX_SAMPLING_ADAPTERS = 8
+"""Checkpoints a served base model keeps loaded for sampling (least recently used go first)."""
