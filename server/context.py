@@ -16,6 +16,7 @@ from twinkle.protocol.wire import ErrorInfo
 from twinkle.uploads import UploadJobs
 
 from .errors import ErrorScrubber
+from .kinds import DEVICE_KINDS
 from .model_handle import ModelHandle
 from .objects import ObjectRegistry, Reaper, RemoteObject
 from .runs import RunBook
@@ -53,6 +54,8 @@ class ServerContext:
         if fuse is None:
             fuse = FUSE_TOKENS if self.model.device.type == "cuda" else 0
         self.worker = DeviceWorker(fuse_tokens=fuse)
+        # A sample call holds the device as long as it generates: bound it like a training call.
+        self.model.sample_token_budget = settings.max_tokens_per_call
         self.uploads = UploadJobs(settings.max_uploads, settings.max_uploads_per_user,
                                   limit_note=", set by twinkle-server serve --max-uploads-per-user")
         self.objects = ObjectRegistry(settings.idle_timeout, settings.max_objects_per_user)
@@ -73,7 +76,7 @@ class ServerContext:
     def submit(self, obj_kind: str, user_id: int, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` where objects of ``obj_kind`` run: the device worker for models, else a data
         thread. Both serve users round-robin; a user holds at most its share of the data threads."""
-        if obj_kind == "model":
+        if obj_kind in DEVICE_KINDS:
             return self.worker.submit(user_id, fn)
         return self.data_pool.submit(user_id, fn)
 

@@ -32,6 +32,7 @@ from twinkle.protocol.api import (
     MODEL,
     NEXT_BATCHES,
     START_EPOCH,
+    ApiClass,
     Arg,
     Method,
 )
@@ -42,6 +43,8 @@ from .policy import check_dataset_id, check_remote_id
 from .settings import Settings
 
 KINDS = tuple(API_BY_KIND)
+DEVICE_KINDS = ("model", "sampler")
+"""Objects whose calls run on the device worker (the rest run on data threads)."""
 SERVER_NUM_PROC = 1
 """Processes a remote dataset's map/filter/encode may use: the data thread's own (a larger
 ``num_proc`` is accepted and lowered to it; forks of the server would escape every limit)."""
@@ -99,7 +102,7 @@ def create_dataloader(args: list[Any], kwargs: dict[str, Any]) -> LoaderHandle:
 
 def check_model_kwargs(
     model: MultiLoraTransformersModel, served_dtype: str, args: list[Any], kwargs: dict[str, Any],
-    *, allow_local: bool = False,
+    *, allow_local: bool = False, api: ApiClass = MODEL,
 ) -> None:
     """A remote model is a view of the served one: refuse arguments that ask for something else.
 
@@ -107,7 +110,7 @@ def check_model_kwargs(
     ``max_r``, ``device`` and ``dtype`` may only repeat the server's values; ``output_dir``
     is ignored (checkpoints go where the server keeps them).
     """
-    a = _bind("MultiLoraTransformersModel()", MODEL.init, args, kwargs).arguments
+    a = _bind(f"{api.name}()", api.init, args, kwargs).arguments
     if "model_id" in a:
         given = a["model_id"]
         shown = _model_id_as_named(given, model.model_id, allow_local)

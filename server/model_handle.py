@@ -24,7 +24,8 @@ from typing import Any
 from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError, StateError, TwinkleError
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.protocol import codec
-from twinkle.protocol.api import MODEL, Arg, Effect, Method
+from twinkle.protocol.api import MODEL, SAMPLER, ApiClass, Arg, Effect, Method
+from twinkle.sampler import TorchSampler
 from twinkle.protocol.names import check_adapter_name, is_checkpoint_name, twinkle_path
 
 from .policy import check_remote_id
@@ -65,6 +66,18 @@ class _Call:
         return self.bound.arguments
 
 
+def _lora_record(config: Any) -> dict[str, Any]:
+    """A LoraConfig as the run records it: the codec's form (the fields that differ from peft's
+    defaults), plus rank, alpha and target modules always, so that a reader without peft (the
+    client, the notebook) sees them even where they are peft's defaults."""
+    record = codec.to_wire(config)["value"]
+    targets = config.target_modules
+    record.setdefault("r", int(config.r))
+    record.setdefault("lora_alpha", config.lora_alpha)
+    record.setdefault("target_modules", sorted(targets) if isinstance(targets, set) else targets)
+    return record
+
+
 def _plain(value: Any) -> Any:
     """Component kwargs as JSON-friendly data for the run record."""
     if isinstance(value, dict):
@@ -80,6 +93,7 @@ class ModelHandle:
     """A remote ``MultiLoraTransformersModel``: this object's adapters on the shared base model."""
 
     class_name = "MultiLoraTransformersModel"
+    api: ApiClass = MODEL
 
     def __init__(self, book: RunBook, user: User, object_id: str) -> None:
         self.book = book
@@ -87,12 +101,19 @@ class ModelHandle:
         self.object_id = object_id
         self.links: dict[str, AdapterLink] = {}
         self._added = 0
+        self._batch_rows: dict[str, int] = {}
+        """Per run, the most rows of a micro-batch recorded by this handle."""
         self.request_id: str | None = None
         """The request of the call running now, for the log."""
 
     @property
     def model(self) -> MultiLoraTransformersModel:
         return self.book.model
+
+    @property
+    def target(self) -> Any:
+        """The library object this handle's calls run on."""
+        return self.model
 
     @property
     def store(self) -> Store:
@@ -116,7 +137,7 @@ class ModelHandle:
               request_id: str | None = None) -> _Call:
         """A call bound, translated to the server's names and prepared, not run yet."""
         self.request_id = request_id
-        spec = MODEL.method(method)
+        spec = self.api.method(method)
         call = _Call(spec, spec.bind(args, kwargs), None, {})
         try:
             self._translate(call)
@@ -152,7 +173,7 @@ class ModelHandle:
             elif kind is Arg.SERVER_CHOSEN:
                 if a[param] is not None:
                     raise InvalidArgumentError(f"{param} is chosen by the server; leave it out")
-            elif kind is Arg.CHECKPOINT:
+            elif kind is Arg.CHECKPOINT and a[param] is not None:
                 row, folder = self.book.checkpoints.resolve(self.user.id, a[param])
                 call.checkpoint = row
                 a[param] = str(folder)
@@ -164,7 +185,7 @@ class ModelHandle:
                 a[param] = codec.from_wire({"__type__": "LoraConfig", "value": a[param]})
 
     def _invoke(self, call: _Call) -> Any:
-        return getattr(self.model, call.spec.name)(*call.bound.args[1:], **call.bound.kwargs)
+        return getattr(self.target, call.spec.name)(*call.bound.args[1:], **call.bound.kwargs)
 
     def _record(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Bookkeeping after a library call that ran (metric rows, run progress, component
@@ -260,8 +281,7 @@ class ModelHandle:
                 base_model=self.model.model_id,
                 adapter_name=link.name,
                 lora_rank=int(config.r),
-                # The codec's LoraConfig form: only the fields that differ from peft's defaults.
-                lora_config=codec.to_wire(config)["value"],
+                lora_config=_lora_record(config),
                 gradient_accumulation_steps=int(call.a["gradient_accumulation_steps"]),
             )
         except BaseException:
@@ -280,9 +300,17 @@ class ModelHandle:
         link, spec = call.link, call.spec
         assert link is not None and spec.component is not None
         name = call.a[spec.parameters[0].name]
-        self._record(f"the {spec.component} of run {link.run_id}", self.store.set_component, link.run_id,
-                     spec.component, {"name": name, "kwargs": _plain(dict(call.a.get("kwargs", {})))})
-        if spec.component == "optimizer":
+        kind = spec.component
+
+        def record() -> None:
+            entry: dict[str, Any] = {"name": name, "kwargs": _plain(dict(call.a.get("kwargs", {})))}
+            if kind == "optimizer":
+                # The learning rate in effect, also where the optimizer's own default was used.
+                entry["lr"] = self._state(link)["lr"]
+            self.store.set_component(link.run_id, kind, entry)
+
+        self._record(f"the {kind} of run {link.run_id}", record)
+        if kind == "optimizer":
             # The library drops the scheduler with a new optimizer (declared); the record follows.
             self._record(f"the lr_scheduler of run {link.run_id}", self.store.set_component, link.run_id,
                          "lr_scheduler", None)
@@ -300,6 +328,24 @@ class ModelHandle:
             num_tokens=int(value.num_tokens),
             time_=time.time(),
         )
+        rows = int(value.batch_size)
+        if rows > self._batch_rows.get(link.run_id, 0):
+            # Written only when it grows: one database write per run, not one per micro-batch.
+            self._batch_rows[link.run_id] = rows
+            self._record(f"the batch size of run {link.run_id}", self.store.note_batch_size, link.run_id, rows)
+
+    def _record_eval(self, call: _Call, value: Any) -> None:
+        link = call.link
+        assert link is not None
+        if value.loss is None:
+            return  # no labelled tokens (logits only): nothing was evaluated
+
+        def add() -> None:
+            # The step whose weights were evaluated: the updates done so far (forward_only changes none).
+            self.store.add_eval_point(link.run_id, step=int(self._state(link)["cur_step"]), loss=float(value.loss),
+                                      num_tokens=int(value.num_tokens), time_=time.time())
+
+        self._record(f"an eval point of run {link.run_id}", add)
 
     def _prepare_state(self, call: _Call) -> None:
         assert call.link is not None
@@ -387,6 +433,23 @@ class ModelHandle:
         return job.upload_id
 
 
+class SamplerHandle(ModelHandle):
+    """A remote ``TorchSampler``: samples on the served base model (no second copy), from the
+    bare base or from this user's own checkpoints (a ``twinkle://`` path of another user is not
+    found). It holds no adapter slot and records nothing."""
+
+    class_name = "TorchSampler"
+    api = SAMPLER
+
+    def __init__(self, book: RunBook, user: User, object_id: str) -> None:
+        super().__init__(book, user, object_id)
+        self.sampler = TorchSampler.over(book.model)
+
+    @property
+    def target(self) -> Any:
+        return self.sampler
+
+
 def run_together(model: MultiLoraTransformersModel, calls: list[_Call]) -> list[Any]:
     """Begun calls of one fused method (several handles' adapters) as the library's fused
     passes; each call's value or exception, in order."""
@@ -422,6 +485,7 @@ _EFFECTS: dict[Effect, tuple[Callable[..., Any], Callable[..., Any], Callable[..
     Effect.ADAPTER_REMOVED: (_nothing, ModelHandle._invoke, ModelHandle._record_remove),
     Effect.COMPONENT: (_nothing, ModelHandle._invoke, ModelHandle._record_component),
     Effect.MICRO_BATCH: (_nothing, ModelHandle._invoke, ModelHandle._record_micro_batch),
+    Effect.EVAL: (_nothing, ModelHandle._invoke, ModelHandle._record_eval),
     Effect.STEP: (ModelHandle._prepare_state, ModelHandle._invoke, ModelHandle._record_step),
     Effect.CHECKPOINT_SAVED: (ModelHandle._prepare_save, ModelHandle._invoke, ModelHandle._record_save),
     Effect.WEIGHTS_LOADED: (_nothing, ModelHandle._invoke, ModelHandle._record_load),

@@ -39,6 +39,7 @@ from twinkle.protocol.wire import (
 from .context import ServerContext
 from .deps import Ctx, CurrentUser, Hub
 from .kinds import (
+    DEVICE_KINDS,
     call_data_object,
     check_call_size,
     check_method,
@@ -46,7 +47,7 @@ from .kinds import (
     create_dataloader,
     create_dataset,
 )
-from .model_handle import ModelHandle, run_together
+from .model_handle import ModelHandle, SamplerHandle, run_together
 from .objects import RemoteObject, new_object_id
 from .store import User
 from .wire import read_body, respond, respond_off_loop
@@ -197,6 +198,10 @@ async def _create(ctx: ServerContext, user: User, req: CreateObjectRequest, key:
         if req.kind == "model":
             check_model_kwargs(ctx.model, ctx.dtype, args, kwargs, allow_local=ctx.settings.allow_local_data)
             return ModelHandle(ctx.book, user, object_id)
+        if req.kind == "sampler":
+            check_model_kwargs(ctx.model, ctx.dtype, args, kwargs, allow_local=ctx.settings.allow_local_data,
+                               api=api)
+            return SamplerHandle(ctx.book, user, object_id)
         if req.kind == "dataset":
             return create_dataset(ctx.settings, args, kwargs)
         return create_dataloader(args, kwargs)
@@ -363,7 +368,7 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
 
     def work() -> Any:
         args, kwargs = decode()
-        if obj.kind == "model":
+        if obj.kind in DEVICE_KINDS:
             return encode(*obj.instance.call(method, args, kwargs, request_id=request_id))
         return encode(call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings), None)
 

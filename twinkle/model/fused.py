@@ -13,6 +13,7 @@ switching and no weight copy. An adapter's dropout draws from its own generator
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
-__all__ = ["ROWS_ATTENTION", "AdapterDropout", "Packed", "Segment", "install", "pack", "segments"]
+__all__ = ["ROWS_ATTENTION", "AdapterDropout", "Packed", "Segment", "install", "only", "pack", "segments"]
 
 ROWS_ATTENTION = "twinkle_rows"
 """The attention implementation a served model uses (see ``use_rows_attention``)."""
@@ -54,6 +55,21 @@ def segments(packed: Packed, *, dropout: bool) -> Iterator[None]:
     _ACTIVE.segments = tuple(packed.segments)
     _ACTIVE.rows = tuple(span for spans in packed.rows for span in spans if span[1])
     _ACTIVE.dropout = dropout
+    try:
+        yield
+    finally:
+        _ACTIVE.segments, _ACTIVE.rows, _ACTIVE.dropout = previous
+
+
+@contextlib.contextmanager
+def only(adapter: str) -> Iterator[None]:
+    """Within the block every token goes through ``adapter`` alone (``""``: the bare base
+    model), whatever peft calls its active adapter; no dropout, and attention is the model's
+    own (for generation, whose batches are padded and cached)."""
+    previous = (_ACTIVE.segments, _ACTIVE.rows, _ACTIVE.dropout)
+    _ACTIVE.segments = (Segment(0, sys.maxsize, adapter),)
+    _ACTIVE.rows = ()
+    _ACTIVE.dropout = False
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 import re
 import threading
 import warnings
@@ -33,10 +34,12 @@ from ..paths import atomic_directory
 from ..processor import InputProcessor
 from ..protocol.api import ModelAPI
 from ..protocol.names import check_adapter_name, check_checkpoint_name
+from ..protocol.limits import MAX_SAMPLE_SEQUENCES, MAX_SAMPLING_ADAPTERS
 from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
+from ..protocol.sampling import SampleResponse, SamplingParams
 from ..registry import REGISTRY
 from ..template import Template
-from . import fused
+from . import fused, generation
 from .adapter import AdapterState, ComponentSpec
 from .lora_policy import PolicyLimits, check_lora_config
 
@@ -93,6 +96,13 @@ class MultiLoraTransformersModel(ModelAPI):
         self._adapters: dict[str, AdapterState] = {}
         self._next_slot = 0
         self._lock = threading.RLock()
+        self._frozen: OrderedDict[tuple[str, int], str] = OrderedDict()
+        """Checkpoints loaded for sampling, (folder, weights mtime) -> their peft name; least
+        recently used first."""
+        self._default_template: Template | None = None
+        self.sample_token_budget: int | None = None
+        """The most tokens one ``sample`` call may compute (sequences x (prompt + max_tokens));
+        None: no bound. A server sets it from its ``max_tokens_per_call``."""
 
     # ----------------------------------------------------------------- adapters
 
@@ -514,6 +524,180 @@ class MultiLoraTransformersModel(ModelAPI):
         with self._lock:
             return self._adapter(adapter_name).progress()
 
+    # ---------------------------------------------------------------- sampling
+
+    def sample(
+        self,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        num_samples: int = 1,
+        *,
+        adapter_name: str | None = None,
+    ) -> list[SampleResponse]:
+        with self._lock:
+            state = self._adapter(adapter_name)
+            if state.template is None:
+                state.template = Template(model_id=str(self.model_dir))
+            return self.generate(state.peft_name, state.template, inputs, sampling_params, num_samples)
+
+    def generate(
+        self,
+        peft_name: str | None,
+        template: Template | None,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None,
+        num_samples: int,
+    ) -> list[SampleResponse]:
+        """Sample with the base model plus the adapter ``peft_name`` (None: the bare base model),
+        encoding conversations with ``template`` (None: the model's own chat template). No
+        adapter changes: no gradients, no dropout, no generator of an adapter is drawn from."""
+        params = _sampling_params(sampling_params)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise InvalidArgumentError(f"num_samples must be a positive integer, got {num_samples!r}")
+        with self._lock:
+            template = template or self._template()
+            limit = int(getattr(self._base.config, "max_position_embeddings", 0) or template.max_length)
+            prompts = generation.prompts_of(
+                inputs,
+                lambda messages: template.encode(messages, add_generation_prompt=True)["input_ids"],
+                self.vocab_size,
+                max(1, min(template.max_length, limit - params.max_tokens)),
+                f" (the model's context of {limit} tokens less max_tokens={params.max_tokens})"
+                if limit - params.max_tokens < template.max_length else " (the template's max_length)",
+            )
+            rows = len(prompts) * num_samples
+            if rows > MAX_SAMPLE_SEQUENCES:
+                raise InvalidArgumentError(
+                    f"{len(prompts)} prompts x num_samples={num_samples} is more than {MAX_SAMPLE_SEQUENCES} "
+                    "sequences in one call; split it"
+                )
+            work = rows * (max(len(p) for p in prompts) + params.max_tokens)
+            if self.sample_token_budget is not None and work > self.sample_token_budget:
+                raise CapacityError(
+                    f"sampling {rows} sequences of up to {max(len(p) for p in prompts)} + {params.max_tokens} "
+                    f"tokens is {work} tokens, more than one call may compute here ({self.sample_token_budget}); "
+                    "use fewer prompts, num_samples or max_tokens"
+                )
+            tokenizer = template.tokenizer
+            model = self._peft if self._peft is not None else self._base
+            try:
+                with self._attention_for_generation(), fused.only(peft_name or ""), torch.no_grad():
+                    return generation.generate(
+                        model,
+                        prompts,
+                        params,
+                        num_samples,
+                        device=self.device,
+                        pad_token_id=int(template.pad_token_id),
+                        stop_token_ids=self._stop_token_ids(tokenizer),
+                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                        new_cache=self._new_cache,
+                        cache_kw=generation.cache_keyword(type(self._base)),
+                    )
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise CapacityError(
+                    "sampling does not fit in device memory; use fewer prompts, num_samples or max_tokens"
+                ) from None
+
+    def checkpoint_adapter(self, folder: str | Path) -> str:
+        """The peft name of the checkpoint at ``folder`` loaded (frozen) for sampling; the
+        ``MAX_SAMPLING_ADAPTERS`` most recently used stay loaded."""
+        path = ckpt.check_checkpoint_dir(folder)
+        key = (str(path.resolve()), (path / ckpt.ADAPTER_WEIGHTS).stat().st_mtime_ns)
+        with self._lock:
+            if key in self._frozen:
+                self._frozen.move_to_end(key)
+                return self._frozen[key]
+            meta = ckpt.CheckpointMeta.read(path) if (path / ckpt.META_FILE).exists() else None
+            if meta is not None and meta.base_model != self.model_id:
+                raise CheckpointError(f"checkpoint was trained on {meta.base_model}; this model is {self.model_id}")
+            try:
+                config = LoraConfig.from_pretrained(str(path))
+            except (ValueError, TypeError, OSError) as exc:
+                raise CheckpointError(f"checkpoint's adapter_config.json cannot be read: {first_line(exc)}") from None
+            config = self._check_lora_config(config)
+            weights = load_file(path / ckpt.ADAPTER_WEIGHTS)
+            while len(self._frozen) >= MAX_SAMPLING_ADAPTERS:
+                _, old = self._frozen.popitem(last=False)
+                self._drop_frozen(old)
+            peft_name = f"frozen{self._next_slot}"
+            self._next_slot += 1
+            config.inference_mode = True
+            try:
+                if self._peft is None:
+                    self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
+                else:
+                    self._peft.add_adapter(peft_name, copy.deepcopy(config))
+                self._check_adapter_layers(peft_name)
+                expected = get_peft_model_state_dict(self._peft, adapter_name=peft_name)
+                if set(expected) != set(weights) or any(
+                    tuple(weights[k].shape) != tuple(v.shape) for k, v in expected.items()
+                ):
+                    raise CheckpointError("checkpoint's weights do not match its adapter_config.json")
+                set_peft_model_state_dict(self._peft, weights, adapter_name=peft_name)
+            except CheckpointError:
+                self._discard_partial_adapter(peft_name)
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+                self._discard_partial_adapter(peft_name)
+                raise CheckpointError(f"checkpoint does not fit {self.model_id}: {first_line(exc)}") from None
+            finally:
+                self._settle_modes()
+            self._peft.to(self.device)
+            for param in self._find_params(peft_name):
+                param.requires_grad_(False)
+            fused.install(self._peft, peft_name, torch.Generator(device=self.device))
+            self._frozen[key] = peft_name
+            return peft_name
+
+    def _drop_frozen(self, peft_name: str) -> None:
+        assert self._peft is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._peft.delete_adapter(peft_name)
+        self._settle_modes()
+
+    def _template(self) -> Template:
+        if self._default_template is None:
+            self._default_template = Template(model_id=str(self.model_dir))
+        return self._default_template
+
+    def _stop_token_ids(self, tokenizer: Any) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(getattr(self._base, "generation_config", None), "eos_token_id", None)
+        for value in (eos, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._base.config)
+
+    @contextlib.contextmanager
+    def _attention_for_generation(self) -> Any:
+        """Padded batches need a mask-aware attention: the model's own sdpa while generating
+        (the packed-rows implementation serves passes without padding)."""
+        config = self._base.config
+        before = getattr(config, "_attn_implementation", None)
+        if before != fused.ROWS_ATTENTION:
+            yield
+            return
+        self._base.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            self._base.set_attn_implementation(before)
+
     # ------------------------------------------------------------- checkpoints
 
     def save(
@@ -743,6 +927,23 @@ def _uses_conv1d(model: torch.nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def _sampling_params(value: Any) -> SamplingParams:
+    from pydantic import ValidationError
+
+    if value is None:
+        return SamplingParams()
+    if isinstance(value, SamplingParams):
+        return value
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"sampling_params must be a SamplingParams or a dict, got {type(value).__name__}")
+    try:
+        return SamplingParams(**value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "sampling_params"
+        raise InvalidArgumentError(f"sampling_params {where}: {err['msg']}") from None
 
 
 def _spec_name(name_or_cls: Any) -> str:

@@ -72,13 +72,14 @@ def _value_types() -> dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any
     """name -> (is one, to plain data, from plain data)."""
     from .dataset_meta import DatasetMeta
     from .outputs import ForwardBackwardOutput, ForwardOutput
+    from .sampling import SampledSequence, SampleResponse, SamplingParams
     from .wire import CheckpointPath
 
     table: dict[str, tuple[Callable[[Any], bool], Callable[[Any], Any], Callable[[Any], Any]]] = {
         "DatasetMeta": (lambda v: type(v) is DatasetMeta, lambda m: m.to_dict(), DatasetMeta.from_dict),
         "LoraConfig": (_is_lora_config, _lora_to_dict, _lora_from_dict),
     }
-    for cls in (ForwardBackwardOutput, ForwardOutput, CheckpointPath):
+    for cls in (ForwardBackwardOutput, ForwardOutput, CheckpointPath, SamplingParams, SampleResponse, SampledSequence):
         table[cls.__name__] = (
             lambda v, cls=cls: type(v) is cls,
             lambda m: {k: getattr(m, k) for k in type(m).model_fields},

@@ -4,12 +4,13 @@ Management routes (JSON, all under ``/api/v1``)::
 
     GET    /health                                               -> HealthResponse (no auth)
     GET    /server                                               -> ServerInfo
-    GET    /training_runs?limit=&offset=                         -> TrainingRunsResponse
+    GET    /training_runs?limit=&offset=&name=&tag=              -> TrainingRunsResponse
     GET    /training_runs/{run_id}                               -> TrainingRun
+    PATCH  /training_runs/{run_id}          TrainingRunUpdate    -> TrainingRun
     GET    /training_runs/{run_id}/checkpoints                   -> CheckpointsListResponse
     GET    /training_runs/{run_id}/checkpoints/{checkpoint_id}   -> Checkpoint
     DELETE /training_runs/{run_id}/checkpoints/{checkpoint_id}   -> DeleteCheckpointResponse
-    GET    /training_runs/{run_id}/metrics?since_step=           -> MetricsResponse
+    GET    /training_runs/{run_id}/metrics?since_step=           -> MetricsResponse (training and eval points)
     GET    /uploads/{upload_id}                                  -> UploadStatus
 
 Remote objects (bodies in msgpack, see ``codec``; JSON also accepted)::
@@ -31,6 +32,8 @@ Every error body is ``ErrorResponse``. Checkpoints are named by ``twinkle://`` p
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -106,10 +109,45 @@ class Cursor(_Model):
     total_count: int
 
 
+class RunConfig(_Model):
+    """The settings that tell one run from another, read from what the server recorded (None:
+    not set, or not known for a run recorded before the field existed)."""
+
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    target_modules: str | list[str] | None = None
+    """``'all-linear'``, the module names, or None for peft's per-model default."""
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    """The optimizer's learning rate when it was set (a scheduler changes it afterwards)."""
+    lr_scheduler: str | None = None
+    gradient_accumulation_steps: int = 1
+    batch_size: int | None = None
+    """Rows of the largest ``forward_backward`` micro-batch so far (None before the first)."""
+    dataset: str | None = None
+    """The dataset id the user recorded for the run (``update_training_run``): the server cannot
+    tell which dataset a batch came from."""
+
+
+class TrainingRunUpdate(_Model):
+    """``PATCH /training_runs/{run_id}``: the user's own description of a run. A field left out
+    (or null) stays as it is; ``""`` clears a name or dataset, ``[]`` the tags. The rules are
+    ``names.check_run_name``, ``check_run_tags`` and ``check_run_dataset``."""
+
+    name: str | None = None
+    tags: list[str] | None = None
+    dataset: str | None = None
+
+
 class TrainingRun(_Model):
     """One adapter's training history on the server."""
 
     training_run_id: str
+    name: str | None = None
+    """The name the user gave the run (``update_training_run``), if any."""
+    tags: list[str] = Field(default_factory=list)
+    config: RunConfig = Field(default_factory=RunConfig)
+    """The run's key settings, gathered from ``lora_config``, ``components`` and its batches."""
     base_model: str
     model_owner: str
     """The owning user's *name* (never a key)."""
@@ -205,6 +243,65 @@ class MetricPoint(_Model):
     """True for points of a branch abandoned by a resume from an earlier checkpoint."""
 
 
+class EvalPoint(_Model):
+    """One ``forward_only`` call on a batch with labels (an eval batch) of a run.
+
+    ``step`` is the adapter's optimizer updates done when the batch was evaluated (0: before
+    any), so eval points after step ``s`` measure the weights that step ``s`` produced.
+    """
+
+    step: int
+    loss: float | None
+    """The batch's loss (None where it was not finite)."""
+    num_tokens: int
+    """The labelled tokens the loss is the mean over."""
+    time: float
+    """Wall time (unix seconds) of the forward_only."""
+    superseded: bool = False
+    """True for points of a branch abandoned by a resume from an earlier checkpoint."""
+
+
+class EvalLoss(_Model):
+    """A step's eval loss: the token-weighted mean loss of its live eval points."""
+
+    step: int
+    loss: float | None
+    """None when one of the step's points had no finite loss."""
+    num_tokens: int
+    batches: int
+    time: float
+    """Wall time of the step's last eval point."""
+
+
+def _field(point: Any, name: str) -> Any:
+    return point.get(name) if isinstance(point, Mapping) else getattr(point, name, None)
+
+
+def eval_losses(points: Iterable[Any]) -> list[EvalLoss]:
+    """Per step, ascending, the eval loss of ``points`` (``EvalPoint`` objects or their dicts);
+    superseded points are left out. The one definition of a step's eval loss (the dashboard's
+    page repeats it in its script)."""
+    by_step: dict[int, list[float]] = {}  # step -> [loss * tokens, tokens, batches, plain sum, time]
+    for p in points:
+        if _field(p, "superseded"):
+            continue
+        loss, tokens = _field(p, "loss"), int(_field(p, "num_tokens") or 0)
+        value = math.nan if loss is None else float(loss)  # a diverged batch makes its step's mean None
+        acc = by_step.setdefault(int(_field(p, "step")), [0.0, 0, 0, 0.0, 0.0])
+        acc[0] += value * tokens
+        acc[1] += tokens
+        acc[2] += 1
+        acc[3] += value
+        acc[4] = max(acc[4], float(_field(p, "time") or 0.0))
+    out = []
+    for step in sorted(by_step):
+        weighted, tokens, batches, plain, last = by_step[step]
+        mean = weighted / tokens if tokens else plain / batches
+        out.append(EvalLoss(step=step, loss=mean if math.isfinite(mean) else None, num_tokens=int(tokens),
+                            batches=int(batches), time=last))
+    return out
+
+
 class MetricsResponse(_Model):
     training_run_id: str
     revision: int
@@ -213,20 +310,28 @@ class MetricsResponse(_Model):
     """Points with ``step > since_step``, oldest first; superseded ones included."""
     total_steps: int | None = None
     """Planned optimizer steps, when the client announced them."""
+    eval_points: list[EvalPoint] = Field(default_factory=list)
+    """Eval points with ``step >= since_step``, oldest first; superseded ones included. The
+    step ``since_step`` itself is sent again: its eval runs after its training points completed."""
+
+    @property
+    def eval_loss(self) -> list[EvalLoss]:
+        """The eval loss per step of the live branch, ascending (see ``eval_losses``)."""
+        return eval_losses(self.eval_points)
 
 
 # ------------------------------------------------------------ remote objects
 
 
 class CreateObjectRequest(_Model):
-    kind: Literal["dataset", "dataloader", "model"]
+    kind: Literal["dataset", "dataloader", "model", "sampler"]
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class ObjectInfo(_Model):
     object_id: str
-    kind: Literal["dataset", "dataloader", "model"]
+    kind: Literal["dataset", "dataloader", "model", "sampler"]
 
 
 class Call(_Model):
