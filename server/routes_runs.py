@@ -118,7 +118,8 @@ def get_metrics(
     ctx: Ctx,
     since_step: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
 ) -> MetricsResponse:
-    """Points of steps after ``since_step``, oldest first, superseded ones included (flagged)."""
+    """Training points of steps after ``since_step`` and eval points from ``since_step`` on,
+    oldest first, superseded ones included (flagged)."""
     ctx.store.get_run(user.id, run_id)
     revision, total_steps = ctx.store.run_revision(run_id)
     return MetricsResponse(
@@ -126,6 +127,7 @@ def get_metrics(
         revision=revision,
         points=[views.metric_point(p) for p in ctx.store.metric_points(run_id, since_step)],
         total_steps=total_steps,
+        eval_points=[views.eval_point(p) for p in ctx.store.eval_points(run_id, since_step)],
     )
 
 

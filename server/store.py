@@ -83,6 +83,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX metric_points_by_run ON metric_points(run_id, step);
     """,
+    # 2: eval points (forward_only batches with labels), beside the training points.
+    """
+    CREATE TABLE eval_points (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL REFERENCES training_runs(run_id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        loss REAL,
+        num_tokens INTEGER NOT NULL,
+        time REAL NOT NULL,
+        superseded INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX eval_points_by_run ON eval_points(run_id, step);
+    """,
 ]
 
 
@@ -161,6 +174,17 @@ class PointRecord:
     grad_norm: float | None
     lr: float | None
     completed: bool
+    time: float
+    superseded: bool
+
+
+@dataclass(frozen=True)
+class EvalPointRecord:
+    """An eval point as stored (see ``twinkle.protocol.wire.EvalPoint`` for the meaning)."""
+
+    step: int
+    loss: float | None
+    num_tokens: int
     time: float
     superseded: bool
 
@@ -401,10 +425,7 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT components FROM training_runs WHERE run_id = ?", (run_id,)).fetchone()
             merged = {**json.loads(row["components"]), **components} if row else components
-            db.execute(
-                "UPDATE metric_points SET superseded = 1 WHERE run_id = ? AND step > ? AND superseded = 0",
-                (run_id, after_step),
-            )
+            self._supersede(db, run_id, after_step)
             db.execute(
                 "UPDATE training_runs SET revision = revision + 1, status = 'active', components = ?,"
                 " last_request_time = ? WHERE run_id = ?",
@@ -414,21 +435,32 @@ class Store:
     def supersede_after(self, run_id: str, after_step: int) -> int:
         """Supersede the points of steps after ``after_step``; bump the revision if any changed."""
         with self._tx() as db:
-            n = db.execute(
-                "UPDATE metric_points SET superseded = 1 WHERE run_id = ? AND step > ? AND superseded = 0",
-                (run_id, after_step),
-            ).rowcount
+            n = self._supersede(db, run_id, after_step)
             if n:
                 db.execute("UPDATE training_runs SET revision = revision + 1 WHERE run_id = ?", (run_id,))
             return n
 
+    @staticmethod
+    def _supersede(db: sqlite3.Connection, run_id: str, after_step: int) -> int:
+        """Flag the training and eval points of steps after ``after_step`` superseded; how many.
+        The same bound for both: an eval point of step ``after_step`` measured the weights the
+        checkpoint holds, a training point of that step the micro-batches that led to them."""
+        n = 0
+        for table in ("metric_points", "eval_points"):
+            n += db.execute(
+                f"UPDATE {table} SET superseded = 1 WHERE run_id = ? AND step > ? AND superseded = 0",
+                (run_id, after_step),
+            ).rowcount
+        return n
+
     def delete_run_if_empty(self, run_id: str) -> bool:
-        """Delete a run that has neither metric points nor checkpoints; returns whether it did."""
+        """Delete a run that has neither metric or eval points nor checkpoints; returns whether it did."""
         with self._tx() as db:
             busy = db.execute(
                 "SELECT (SELECT COUNT(*) FROM metric_points WHERE run_id = ?)"
+                " + (SELECT COUNT(*) FROM eval_points WHERE run_id = ?)"
                 " + (SELECT COUNT(*) FROM checkpoints WHERE run_id = ?)",
-                (run_id, run_id),
+                (run_id, run_id, run_id),
             ).fetchone()[0]
             if busy:
                 return False
@@ -552,6 +584,26 @@ class Store:
                 time=r["time"],
                 superseded=bool(r["superseded"]),
             )
+            for r in rows
+        ]
+
+    def add_eval_point(self, run_id: str, *, step: int, loss: float | None, num_tokens: int, time_: float) -> None:
+        """One eval batch's point under the adapter's ``step``; a non-finite loss is stored as NULL."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO eval_points (run_id, step, loss, num_tokens, time) VALUES (?, ?, ?, ?, ?)",
+                (run_id, step, _finite(loss), num_tokens, time_),
+            )
+
+    def eval_points(self, run_id: str, since_step: int) -> list[EvalPointRecord]:
+        """Eval points of steps ``>= since_step`` (not ``>``: a reader's cursor is its last completed
+        step, and that step's eval comes after its training points), oldest first."""
+        rows = self._query(
+            "SELECT * FROM eval_points WHERE run_id = ? AND step >= ? ORDER BY id", (run_id, since_step)
+        )
+        return [
+            EvalPointRecord(step=r["step"], loss=r["loss"], num_tokens=r["num_tokens"], time=r["time"],
+                            superseded=bool(r["superseded"]))
             for r in rows
         ]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from twinkle.protocol.names import twinkle_path
-from twinkle.protocol.wire import Checkpoint, MetricPoint, TrainingRun
+from twinkle.protocol.wire import Checkpoint, EvalPoint, MetricPoint, TrainingRun
 
-from .store import CheckpointRecord, PointRecord, RunRecord
+from .store import CheckpointRecord, EvalPointRecord, PointRecord, RunRecord
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -54,6 +54,10 @@ def checkpoint(c: CheckpointRecord) -> Checkpoint:
         base_model=c.base_model,
         lora_rank=c.lora_rank,
     )
+
+
+def eval_point(p: EvalPointRecord) -> EvalPoint:
+    return EvalPoint(step=p.step, loss=p.loss, num_tokens=p.num_tokens, time=p.time, superseded=p.superseded)
 
 
 def metric_point(p: PointRecord) -> MetricPoint:

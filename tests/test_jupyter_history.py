@@ -184,3 +184,55 @@ def test_render_png_and_blit() -> None:
     assert r.full_redraws == 1 and r.blits == 1  # same limits: only the curves are drawn again
     for opts in (RenderOptions(x_axis="time"), RenderOptions(log_scale=True), RenderOptions(show_smoothed=False)):
         assert r.render([h, RunHistory("run-2")], opts)[:4] == b"\x89PNG"
+
+
+def _eval(step: int, loss: float | None, tokens: int, t: float = 0.0, superseded: bool = False) -> dict:
+    return {"step": step, "loss": loss, "num_tokens": tokens, "time": t or 200.0 + step, "superseded": superseded}
+
+
+def test_run_history_eval_loss_per_step_follows_the_cursor() -> None:
+    h = RunHistory("run-1", max_points=100)
+    # The server sends eval points from since_step on: step 0 (before training) and step 1's.
+    ev = [_eval(0, 3.0, 10), _eval(0, 2.0, 30), _eval(1, 1.0, 5)]
+    assert h.ingest({"revision": 0, "points": [_point(1, 1, 4.0)], "eval_points": ev})
+    assert h.cursor == 1
+    # Token-weighted per step; step 0 is final (before the cursor), step 1 can still grow.
+    assert [(e.step, e.loss, e.num_tokens, e.batches) for e in h.eval_records()] == [
+        (0, pytest.approx((3.0 * 10 + 2.0 * 30) / 40), 40, 2), (1, 1.0, 5, 1)]
+    assert [e.step for e in h.evals.items()] == [0] and [e.step for e in h.eval_tail] == [1]
+    version = h.version
+    # The next fetch (since_step=1) brings step 1's eval points again, one more among them.
+    assert h.ingest({"revision": 0, "points": [], "eval_points": [_eval(1, 1.0, 5), _eval(1, 4.0, 15)]})
+    assert h.version == version + 1
+    assert [(e.step, e.loss, e.batches) for e in h.eval_records()] == [
+        (0, pytest.approx(2.25), 2), (1, pytest.approx((1.0 * 5 + 4.0 * 15) / 20), 2)]
+    assert not h.ingest({"revision": 0, "points": [], "eval_points": [_eval(1, 1.0, 5), _eval(1, 4.0, 15)]})
+    # Step 2 completes: step 1's eval is final now and not counted twice.
+    assert h.ingest({"revision": 0, "points": [_point(2, 2, 3.0)],
+                     "eval_points": [_eval(1, 1.0, 5), _eval(1, 4.0, 15), _eval(2, 0.5, 8, superseded=True)]})
+    assert [e.step for e in h.evals.items()] == [0, 1] and h.eval_tail == []
+    assert h.last_eval is not None and h.last_eval.step == 1
+    p = h.progress()
+    assert p["eval_step"] == 1 and p["eval_loss"] == pytest.approx(3.25)
+    # A non-finite eval batch spoils its step's mean (shown as a gap, not as a number).
+    assert h.ingest({"revision": 0, "points": [], "eval_points": [_eval(2, None, 8), _eval(2, 1.0, 8)]})
+    assert h.eval_records()[-1].step == 2 and h.eval_records()[-1].loss is None
+    # A resume (new revision) starts the eval curve over with the full fetch.
+    assert h.ingest({"revision": 1, "points": [_point(1, 1, 4.0)], "eval_points": [_eval(0, 3.0, 10)]})
+    assert [e.step for e in h.eval_records()] == [0]
+
+
+def test_render_draws_the_eval_series_with_its_legend() -> None:
+    from twinkle_jupyter.render import EVAL_LABEL, PlotRenderer, RenderOptions
+
+    h = RunHistory("run-1", max_points=200)
+    ev = [_eval(s, 6.0 / (s + 1), 7) for s in (0, 10, 20, 30)]
+    h.ingest({"revision": 0, "points": [_point(s, s, 5.0 / s) for s in range(1, 31)], "eval_points": ev})
+    r = PlotRenderer(400, 260)
+    r.render([h])
+    xs, ys = r._lines[0].ev.get_data()
+    assert list(xs) == [0, 10, 20, 30] and list(ys) == pytest.approx([6.0, 6.0 / 11, 6.0 / 21, 6.0 / 31])
+    assert [t.get_text() for t in r.ax_loss.get_legend().get_texts()] == ["run-1", EVAL_LABEL]
+    # By time: eval points sit at their own wall times.
+    r.render([h], RenderOptions(x_axis="time"))
+    assert list(r._lines[0].ev.get_data()[0]) == pytest.approx([e["time"] - h.start_time for e in ev])

@@ -26,6 +26,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.points: list[dict[str, Any]] = []
+        self.eval_points: list[dict[str, Any]] = []
         self.revision = 0
         self.fail: Exception | None = None
         self.health_checks = 0
@@ -58,7 +59,8 @@ class FakeServer:
         if self.fail is not None:
             raise self.fail
         points = [p for p in self.points if p["step"] > since_step]
-        return SimpleNamespace(revision=self.revision, points=points, total_steps=None)
+        evals = [p for p in self.eval_points if p["step"] >= since_step]  # as the server: from since_step on
+        return SimpleNamespace(revision=self.revision, points=points, total_steps=None, eval_points=evals)
 
     def get_training_run(self, run_id: str) -> Any:
         return SimpleNamespace(status=self.status)
@@ -205,6 +207,48 @@ def test_auto_finalize_once_the_runs_are_detached(monkeypatch: pytest.MonkeyPatc
         assert plot.summary().startswith("twinkle run-a: step 2,")
     finally:
         plot.close()
+
+
+def _pixels_near(png_b64: str, color: str, tolerance: int = 24) -> int:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")).astype(int)
+    target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - target).max(axis=2) <= tolerance).sum())
+
+
+def test_the_final_picture_draws_the_eval_loss_beside_the_training_loss() -> None:
+    from twinkle_jupyter.plot import LossPlot
+    from twinkle_jupyter.render import EVAL_COLORS
+
+    bundles = {}
+    for with_eval in (False, True):
+        server = FakeServer()
+        server.add_steps(6)
+        if with_eval:
+            # Two eval batches at steps 0, 3 and 6: per step their token-weighted mean is drawn.
+            for step in (0, 3, 6):
+                server.eval_points += [
+                    {"step": step, "loss": 4.0 / (step + 1), "num_tokens": 10, "time": 1000.5 + step, "superseded": False},
+                    {"step": step, "loss": 2.0 / (step + 1), "num_tokens": 30, "time": 1000.6 + step, "superseded": False},
+                ]
+        plot = LossPlot("run-a", client=server, autostart=False, show_controls=False)
+        try:
+            bundles[with_eval] = plot.finalize("finished")
+            if with_eval:
+                assert plot.view.points[0]["eval"] == {
+                    "step": [0, 3, 6], "loss": [pytest.approx(2.5 / (s + 1)) for s in (0, 3, 6)]}
+        finally:
+            plot.close()
+    # The eval curve's colour is in the saved picture only when there are eval points.
+    assert _pixels_near(bundles[True]["image/png"], EVAL_COLORS[0]) > 50
+    assert _pixels_near(bundles[False]["image/png"], EVAL_COLORS[0]) == 0
+    assert "eval loss 0.3571 at step 6" in bundles[True]["text/plain"]
+    assert "eval" not in bundles[False]["text/plain"]
 
 
 # ---------------------------------------------------------------------------- dashboard

@@ -230,6 +230,46 @@ def test_bookkeeping_failure_does_not_fail_a_call_that_ran(tmp_path: Path, caplo
     book.store.close()
 
 
+class _EvalModel(_FakeModel):
+    """forward_only: each row counts 3 labelled tokens; an empty batch has none (loss None)."""
+
+    def forward_only(self, inputs, *, adapter_name=None, return_logits=False):
+        return self.forward_only_many([(inputs, adapter_name, return_logits)])[0]
+
+    def forward_only_many(self, calls):
+        from twinkle.protocol.outputs import ForwardOutput
+
+        return [ForwardOutput(loss=float(len(rows)) if rows else None, num_tokens=3 * len(rows))
+                for rows, _name, _logits in calls]
+
+
+def test_forward_only_records_eval_points_alone_and_fused(tmp_path: Path) -> None:
+    from twinkle_server.model_handle import run_together
+
+    model = _EvalModel()
+    book, user, run = _book(tmp_path, model)
+    handle = _handle(book, user, run)
+    store = book.store
+    try:
+        row = {"input_ids": [1, 2]}
+        handle.call("forward_only", [[row, row]], {})  # alone: begin, invoke, end
+        call = handle.begin("forward_only", [[row]], {"return_logits": True})  # fused: the worker's path
+        handle.end(call, run_together(model, [call])[0])
+        handle.call("forward_only", [[]], {})  # no labelled tokens: not an eval point
+        # Under the adapter's current step (the fake's cur_step is 1), from since_step on.
+        assert [(p.step, p.loss, p.num_tokens, p.superseded) for p in store.eval_points(run, 0)] == [
+            (1, 2.0, 6, False), (1, 1.0, 3, False)]
+        assert len(store.eval_points(run, 1)) == 2 and store.eval_points(run, 2) == []
+        assert store.metric_points(run, 0) == []  # eval points are not training points
+        # A load or resume to step 0 supersedes them with the training points after it.
+        assert store.supersede_after(run, 0) == 2
+        assert [p.superseded for p in store.eval_points(run, 0)] == [True, True]
+        assert store.run_revision(run)[0] == 1
+        assert not store.delete_run_if_empty(run)  # eval points are history too
+    finally:
+        store.close()
+
+
 def test_checkpoint_delete_is_atomic(tmp_path: Path, monkeypatch) -> None:
     from twinkle_server import checkpoints
 

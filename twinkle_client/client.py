@@ -194,7 +194,9 @@ class TwinkleClient:
         return self._get(TrainingRun, f"/training_runs/{_seg(run_id, 'run_id')}")
 
     def get_metrics(self, run_id: str, since_step: int = 0) -> MetricsResponse:
-        """The run's per-micro-batch metrics with ``step > since_step``, oldest first."""
+        """The run's per-micro-batch metrics with ``step > since_step``, oldest first, and its eval
+        points (``forward_only`` batches with labels) with ``step >= since_step``; ``.eval_loss``
+        is the eval loss per step."""
         _check_count("since_step", since_step, minimum=0)
         return self._get(
             MetricsResponse, f"/training_runs/{_seg(run_id, 'run_id')}/metrics", params={"since_step": since_step}

@@ -42,12 +42,13 @@ def _r(value: float | None) -> float | None:
 
 
 def points_payload(histories: Iterable[RunHistory]) -> list[dict[str, Any]]:
-    """Per run: the kept steps with loss, smoothed loss, lr, grad norm and time, the superseded
-    branch, the resume steps and the total."""
+    """Per run: the kept steps with loss, smoothed loss, lr, grad norm and time, the eval loss
+    per step, the superseded branch, the resume steps and the total."""
     out = []
     for hist in histories:
         recs = hist.records()
         old = hist.superseded.items()
+        evals = hist.eval_records()
         t0 = hist.start_time or 0.0
         out.append(
             {
@@ -59,6 +60,7 @@ def points_payload(histories: Iterable[RunHistory]) -> list[dict[str, Any]]:
                 "lr": [_r(r.lr) for r in recs],
                 "grad_norm": [_r(r.grad_norm) for r in recs],
                 "time": [_r(r.time - t0) for r in recs],
+                "eval": {"step": [e.step for e in evals], "loss": [_r(e.loss) for e in evals]},
                 "superseded": {"step": [r.step for r in old], "loss": [_r(r.loss) for r in old]},
                 "resumed_at": list(hist.resumed_at),
                 "total_steps": hist.total_steps,
@@ -107,6 +109,8 @@ def _progress_row(hist: RunHistory, color: str, status: str, smoothing: float) -
         if p["smoothed"] is not None and math.isfinite(p["smoothed"]) and smoothing > 0:
             loss += f" (smoothed {p['smoothed']:.4f})"
         parts.append(loss)
+    if p["eval_loss"] is not None:
+        parts.append(f"eval loss {p['eval_loss']:.4f} (step {p['eval_step']})")
     if p["elapsed"] is not None:
         parts.append(format_duration(p["elapsed"]))
     if status != "live":
@@ -115,8 +119,8 @@ def _progress_row(hist: RunHistory, color: str, status: str, smoothing: float) -
 
 
 def summary_line(histories: Iterable[RunHistory], *, status: str, message: str | None = None) -> str:
-    """One line for the whole plot: per run steps, first → last loss (min), duration, resumes;
-    then the status and the message."""
+    """One line for the whole plot: per run steps, first → last loss (min), the latest eval loss,
+    duration, resumes; then the status and the message."""
     parts = []
     for hist in histories:
         first, last = hist.first, hist.last
@@ -130,6 +134,9 @@ def summary_line(histories: Iterable[RunHistory], *, status: str, message: str |
         text += f", loss {first.loss:.4f} → {last.loss:.4f}" if first is not None else ""
         if rng is not None:
             text += f" (min {rng[0]:.4f})"
+        last_eval = hist.last_eval
+        if last_eval is not None and last_eval.loss is not None:
+            text += f", eval loss {last_eval.loss:.4f} at step {last_eval.step}"
         elapsed = hist.progress()["elapsed"]
         if elapsed:
             text += f", {format_duration(elapsed)}"

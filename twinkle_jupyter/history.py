@@ -4,7 +4,9 @@ The server reports one point per ``forward_backward`` micro-batch. Here they are
 one record per optimizer step (token-weighted mean loss of the step's micro-batches, plus the
 step's grad norm and learning rate), smoothed with a debiased EMA over the *full* stream, and
 kept in a :class:`BoundedSeries` that never holds more than ``max_points`` records while always
-keeping the first, the last and the extreme (min/max loss) records.
+keeping the first, the last and the extreme (min/max loss) records. Eval points (``forward_only``
+batches with labels) become one eval loss per step (``twinkle.protocol.wire.eval_losses``: the
+token-weighted mean of the step's eval batches), kept beside them and bounded alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from twinkle.protocol.wire import EvalLoss, eval_losses
 
 from .settings import DEFAULTS, MIN_POINTS, check
 
@@ -388,6 +392,11 @@ class RunHistory:
     """The step being accumulated (not complete yet), if any."""
     resumed_at: list[int] = field(init=False, default_factory=list)
     """Steps from which the run was resumed (where a superseded branch starts)."""
+    evals: BoundedSeries = field(init=False)
+    """Eval losses (``EvalLoss``) of the live branch's steps before :attr:`cursor`: final."""
+    eval_tail: list[EvalLoss] = field(init=False, default_factory=list)
+    """Eval losses of the steps from :attr:`cursor` on, fetched again in full each time (the
+    last completed step may still get eval points)."""
     rate: RateMeter = field(init=False, default_factory=RateMeter)
     version: int = field(init=False, default=0)
     """Bumped whenever something visible changed (the plot redraws when it moves)."""
@@ -396,6 +405,7 @@ class RunHistory:
         self.current = BoundedSeries(self.max_points, key=lambda r: r.loss)
         # Abandoned branches get half the budget: they are drawn thin and grey.
         self.superseded = BoundedSeries(max(MIN_POINTS, self.max_points // 2), key=lambda r: r.loss)
+        self.evals = BoundedSeries(self.max_points, key=_eval_key)
         self._ema = EMA(self.smoothing)
         self._cursor = 0
         self._loaded = False
@@ -422,6 +432,8 @@ class RunHistory:
         """Forget all points (the next fetch starts from step 0)."""
         self.current.clear()
         self.superseded.clear()
+        self.evals.clear()
+        self.eval_tail = []
         self.tail = None
         self.resumed_at = []
         self.rate.reset()
@@ -463,8 +475,10 @@ class RunHistory:
             self.resumed_at = _branch_starts(old)
             changed = changed or bool(old)
         self._loaded = True
+        evals = _get(response, "eval_points", None) or []
         groups = [g for g in _group_by_step(live) if g.step > self._cursor]
         if not groups and not full:
+            changed = self._ingest_evals(evals) or changed
             if changed:
                 self.version += 1
             return changed
@@ -481,8 +495,22 @@ class RunHistory:
         if new_tail != self.tail or groups:
             changed = True
         self.tail = new_tail
+        changed = self._ingest_evals(evals) or changed
         if changed:
             self.version += 1
+        return changed
+
+    def _ingest_evals(self, points: Iterable[Any]) -> bool:
+        """Fold a response's eval points in (after its training points moved the cursor); returns
+        whether anything changed. The response holds every eval point from the cursor it was
+        asked with on, so the steps before the new cursor are final (never sent again) and the
+        rest replace the tail."""
+        steps = eval_losses(points)
+        final = [e for e in steps if e.step < self._cursor]
+        tail = [e for e in steps if e.step >= self._cursor]
+        self.evals.extend(final)
+        changed = bool(final) or tail != self.eval_tail
+        self.eval_tail = tail
         return changed
 
     def _commit(self, rec: StepRecord) -> None:
@@ -509,6 +537,15 @@ class RunHistory:
             recs.append(self.tail)
         return recs
 
+    def eval_records(self) -> list[EvalLoss]:
+        """The kept eval losses of the live branch, by step."""
+        return self.evals.items() + self.eval_tail
+
+    @property
+    def last_eval(self) -> EvalLoss | None:
+        """The eval loss of the latest step that has one."""
+        return self.eval_tail[-1] if self.eval_tail else self.evals.last
+
     @property
     def last(self) -> StepRecord | None:
         return self.tail if self.tail is not None else self.current.last
@@ -534,10 +571,12 @@ class RunHistory:
         return self._loss_min, self._loss_max
 
     def progress(self) -> dict[str, Any]:
-        """Numbers for the progress line: step, total, fraction, it/s, ETA (s), last and smoothed loss."""
+        """Numbers for the progress line: step, total, fraction, it/s, ETA (s), last and smoothed
+        loss, the latest eval loss and its step."""
         last = self.last
         total = self.total_steps
         step = self.current_step
+        last_eval = self.last_eval
         return {
             "run_id": self.run_id,
             "step": step,
@@ -548,7 +587,13 @@ class RunHistory:
             "loss": None if last is None else last.loss,
             "smoothed": None if last is None else last.smoothed,
             "elapsed": (None if last is None or self._first_time is None else last.time - self._first_time),
+            "eval_loss": None if last_eval is None else last_eval.loss,
+            "eval_step": None if last_eval is None else last_eval.step,
         }
+
+
+def _eval_key(record: EvalLoss) -> float:
+    return math.nan if record.loss is None else record.loss
 
 
 def _branch_starts(superseded_points: Sequence[Any]) -> list[int]:

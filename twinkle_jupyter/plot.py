@@ -51,7 +51,8 @@ DETACHED_CHECK_S = 5.0
 class PlotView(widgets.HTML):
     """The single widget model a :class:`LossPlot` updates (picture + progress line as HTML)."""
 
-    points = List(Dict(), help="Per run: downsampled step, loss, smoothed loss, lr, grad norm, time.").tag(sync=True)
+    points = List(Dict(), help="Per run: downsampled step, loss, smoothed loss, lr, grad norm, time; eval loss.").tag(
+        sync=True)
     status = Unicode("live", help="live, finished, interrupted, error or stopped.").tag(sync=True)
     summary = Unicode("", help="One line: steps, first and last loss, duration, status.").tag(sync=True)
 

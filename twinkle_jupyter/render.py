@@ -33,6 +33,17 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 SUPERSEDED_COLOR = "#9a9a9a"
 
 
+def eval_color(color: str) -> str:
+    """The eval loss colour of a run drawn in ``color``: the same hue at 55 % brightness, so it
+    reads as that run's while standing apart from its training curve."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{int(v * 0.55):02x}" for v in (r, g, b))
+
+
+EVAL_COLORS = tuple(eval_color(c) for c in COLORS)
+EVAL_LABEL = "eval loss"
+
+
 @dataclass(frozen=True)
 class RenderOptions:
     """What the picture shows. ``x_axis`` is ``'step'`` or ``'time'`` (seconds since each run's first step)."""
@@ -104,6 +115,7 @@ class _Lines:
     old: Any
     lr: Any
     gn: Any
+    ev: Any
 
 
 def _time_unit(span_s: float) -> tuple[float, str]:
@@ -124,7 +136,8 @@ class PlotRenderer:
     """Draws one or several :class:`~twinkle_jupyter.history.RunHistory` into a PNG.
 
     The top panel has the loss (raw, thin; smoothed, bold; abandoned branches dotted grey, with
-    a dashed mark where a resume went back to), the bottom panels the learning rate and the
+    a dashed mark where a resume went back to) and the eval loss (dashed, with a marker per
+    step, in a darker shade of the run's colour), the bottom panels the learning rate and the
     gradient norm. Not thread-safe: one renderer per plot, used under the plot's lock.
     """
 
@@ -165,6 +178,7 @@ class PlotRenderer:
     def _lines_for(self, n: int) -> list[_Lines]:
         while len(self._lines) < n:
             color = COLORS[len(self._lines) % len(COLORS)]
+            ev_color = EVAL_COLORS[len(self._lines) % len(EVAL_COLORS)]
             kw = {"animated": True}
             self._lines.append(
                 _Lines(
@@ -175,6 +189,9 @@ class PlotRenderer:
                     )[0],
                     lr=self.ax_lr.plot([], [], color=color, linewidth=1.2, **kw)[0],
                     gn=self.ax_gn.plot([], [], color=color, linewidth=1.0, **kw)[0],
+                    # Eval points are few and far apart: markers show where each one is.
+                    ev=self.ax_loss.plot([], [], color=ev_color, linewidth=1.4, linestyle="--", marker="o",
+                                         markersize=4, **kw)[0],
                 )
             )
         return self._lines
@@ -194,23 +211,27 @@ class PlotRenderer:
         for hist in runs:
             recs = hist.records()
             old = hist.superseded.items()
+            evals = hist.eval_records()
             t0 = hist.start_time or 0.0
             if by_time:
                 x = (_column(recs, "time") - t0) / unit
                 xo = (_column(old, "time") - t0) / unit
+                xe = (_column(evals, "time") - t0) / unit
             else:
                 x = _column(recs, "step")
                 xo = _column(old, "step")
+                xe = _column(evals, "step")
             loss, smooth = _column(recs, "loss"), _column(recs, "smoothed")
             lo_loss = _column(old, "loss")
+            ev_loss = _column(evals, "loss")
             lr, gn = _column(recs, "lr"), _column(recs, "grad_norm")
-            data.append((x, loss, smooth, xo, lo_loss, lr, gn))
-            for arr in (x, xo):
+            data.append((x, loss, smooth, xo, lo_loss, lr, gn, xe, ev_loss))
+            for arr in (x, xo, xe):
                 if arr.size:
                     xs_max = max(xs_max, float(np.nanmax(arr)))
             if not by_time and hist.total_steps:
                 xs_max = max(xs_max, float(hist.total_steps))
-            for arr in (loss, lo_loss, smooth if opts.show_smoothed else loss):
+            for arr in (loss, lo_loss, ev_loss, smooth if opts.show_smoothed else loss):
                 vals = arr[np.isfinite(arr) & ((arr > 0) if opts.log_scale else True)]
                 if vals.size:
                     loss_lo, loss_hi = min(loss_lo, float(vals.min())), max(loss_hi, float(vals.max()))
@@ -236,12 +257,13 @@ class PlotRenderer:
         labels = tuple(h.run_id for h in runs)
         markers = tuple(tuple(h.resumed_at) for h in runs) if not by_time else ()
         has_old = tuple(bool(h.superseded.count) for h in runs)
+        has_eval = tuple(bool(d[7].size) for d in data)  # the legend names the eval curves
         waiting = tuple(h.run_id for h in runs if not h.records())
         key = (
             opts.x_axis, opts.log_scale, unit_name, x_lim, y_loss, y_lr, y_gn, labels, markers, has_old,
-            waiting, opts.title, opts.show_raw, opts.show_smoothed,
+            has_eval, waiting, opts.title, opts.show_raw, opts.show_smoothed,
         )
-        for i, (x, loss, smooth, xo, lo_loss, lr, gn) in enumerate(data):
+        for i, (x, loss, smooth, xo, lo_loss, lr, gn, xe, ev_loss) in enumerate(data):
             ln = lines[i]
             ln.raw.set_data(x, loss)
             ln.raw.set_visible(opts.show_raw or not opts.show_smoothed)
@@ -251,11 +273,12 @@ class PlotRenderer:
             ln.old.set_data(xo, lo_loss)
             ln.lr.set_data(x, lr)
             ln.gn.set_data(x, gn)
+            ln.ev.set_data(xe, ev_loss)
         for ln in lines[len(data):]:
-            for artist in (ln.raw, ln.smooth, ln.old, ln.lr, ln.gn):
+            for artist in (ln.raw, ln.smooth, ln.old, ln.lr, ln.gn, ln.ev):
                 artist.set_data([], [])
         if key != self._layout_key or self._background is None:
-            self._relayout(runs, opts, x_lim, y_loss, y_lr, y_gn, unit_name, waiting)
+            self._relayout(runs, opts, x_lim, y_loss, y_lr, y_gn, unit_name, waiting, has_eval)
             self._layout_key = key
             self.full_redraws += 1
         else:
@@ -263,7 +286,7 @@ class PlotRenderer:
             self.blits += 1
         for ln in lines[: len(data)]:
             for ax, artists in (
-                (self.ax_loss, (ln.old, ln.raw, ln.smooth)),
+                (self.ax_loss, (ln.old, ln.raw, ln.smooth, ln.ev)),
                 (self.ax_lr, (ln.lr,)),
                 (self.ax_gn, (ln.gn,)),
             ):
@@ -282,6 +305,7 @@ class PlotRenderer:
         y_gn: tuple[float, float],
         unit_name: str,
         waiting: tuple[str, ...],
+        has_eval: tuple[bool, ...] = (),
     ) -> None:
         for artist in self._decor:
             artist.remove()
@@ -310,6 +334,10 @@ class PlotRenderer:
         for i, hist in enumerate(runs):
             handles.append(self._lines[i].smooth if opts.show_smoothed else self._lines[i].raw)
             names.append(hist.run_id)
+        for i, hist in enumerate(runs):
+            if i < len(has_eval) and has_eval[i]:
+                handles.append(self._lines[i].ev)
+                names.append(EVAL_LABEL if len(runs) == 1 else f"{hist.run_id} {EVAL_LABEL}")
         if any(h.superseded.count for h in runs):
             handles.append(self._lines[0].old)
             names.append("abandoned after resume")

@@ -54,6 +54,11 @@ class Effect(enum.Enum):
     """The run's record of how a component (``Method.component``) was set."""
     MICRO_BATCH = "micro_batch"
     """A metric point: the micro-batch's loss and token count under the step it feeds."""
+    EVAL = "eval"
+    """An eval point: the batch's loss and token count under the adapter's current step (the
+    optimizer updates done so far: 0 before training). Only a batch with labelled tokens (a
+    loss that is not None) makes one; a step's eval loss is the token-weighted mean of its
+    points (``twinkle.protocol.wire.eval_losses``)."""
     STEP = "step"
     """When the weights changed: the step's points completed with the window's grad norm
     (``get_train_state()['window_grad_norm']``) and the LR the update used."""
@@ -353,11 +358,13 @@ class ModelAPI(Declaration):
     def forward_backward(self, inputs: Any, *, adapter_name: str | None = None) -> ForwardBackwardOutput:
         """Forward and backward on one micro-batch; gradients add up until the window is complete."""
 
-    @declare(args=_ADAPTER, fused=True)
+    @declare(effect=Effect.EVAL, args=_ADAPTER, fused=True)
     def forward_only(
         self, inputs: Any, *, adapter_name: str | None = None, return_logits: bool = False
     ) -> ForwardOutput:
-        """Forward without gradients; the loss where the batch has labels, logits on request."""
+        """Forward without gradients; the loss where the batch has labels, logits on request.
+        Nothing about the adapter changes. On a server, a batch with labels is an eval point of
+        the run at the adapter's current step (the live plot draws them as "eval loss")."""
 
     @declare(deferred=True, args=_ADAPTER)
     def clip_grad_norm(
