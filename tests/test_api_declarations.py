@@ -12,17 +12,20 @@ from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.protocol.api import API_BY_KIND, MODEL, Arg, ModelAPI, api_of
+from twinkle.sampler import TorchSampler
 from twinkle_client import dataloader as remote_dataloader
 from twinkle_client import dataset as remote_dataset
 from twinkle_client import model as remote_model
+from twinkle_client import sampler as remote_sampler
 
 pytestmark = pytest.mark.unit
 
-LOCAL = {"model": MultiLoraTransformersModel, "dataset": Dataset, "dataloader": DataLoader}
+LOCAL = {"model": MultiLoraTransformersModel, "dataset": Dataset, "dataloader": DataLoader, "sampler": TorchSampler}
 REMOTE = {
     "model": remote_model.MultiLoraTransformersModel,
     "dataset": remote_dataset.Dataset,
     "dataloader": remote_dataloader.DataLoader,
+    "sampler": remote_sampler.TorchSampler,
 }
 
 
@@ -71,6 +74,7 @@ def test_importing_the_client_does_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import twinkle_client, twinkle_client.model, twinkle_client.dataset, twinkle_client.dataloader\n"
+        "import twinkle_client.sampler\n"
         "import twinkle.protocol.api, twinkle.protocol.codec\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules)\n"
         "print(','.join(heavy))\n"

@@ -39,8 +39,10 @@ def _remote_classes() -> Any:
     from twinkle_client.dataloader import DataLoader
     from twinkle_client.dataset import Dataset
     from twinkle_client.model import MultiLoraTransformersModel
+    from twinkle_client.sampler import TorchSampler
 
-    return scenario.Classes(Dataset=Dataset, DataLoader=DataLoader, Model=MultiLoraTransformersModel)
+    return scenario.Classes(Dataset=Dataset, DataLoader=DataLoader, Model=MultiLoraTransformersModel,
+                            Sampler=TorchSampler)
 
 
 def _remote_run(label: str, extra_data: Path, failures: list[str], **client_kwargs: Any) -> Any:
@@ -63,12 +65,13 @@ def test_same_values_locally_and_remotely(tmp_path, start_server, add_user) -> N
     from twinkle.dataloader import DataLoader
     from twinkle.dataset import Dataset
     from twinkle.model import MultiLoraTransformersModel
+    from twinkle.sampler import TorchSampler
 
     extra_data = scenario.write_extra_data(tmp_path / "data")
     failures: list[str] = []
 
     local_classes = scenario.Classes(Dataset=Dataset, DataLoader=DataLoader, Model=MultiLoraTransformersModel,
-                                     model_kwargs={"output_dir": str(tmp_path / "local-output")})
+                                     Sampler=TorchSampler, model_kwargs={"output_dir": str(tmp_path / "local-output")})
     local, _ = _run("local", local_classes, extra_data, failures)
     failures += scenario.missing_methods(local)
     failures += scenario.check_laziness(local, remote=False, side="local")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle.protocol.api import DATALOADER, DATASET, MODEL, ApiClass, Returns
+from twinkle.protocol.api import DATALOADER, DATASET, MODEL, SAMPLER, ApiClass, Returns
 from twinkle.protocol.names import TWINKLE_SCHEME, split_twinkle_path
 
 MODEL_ID = "builtin://tiny-qwen2"
@@ -33,7 +33,7 @@ BUILTIN_ROWS = 24
 EXTRA_ROWS = range(24, 32)
 """Rows of the built-in dataset copied into a local file, loaded with ``add_dataset``."""
 REL_TOL = 1e-5
-APIS: tuple[ApiClass, ...] = (MODEL, DATASET, DATALOADER)
+APIS: tuple[ApiClass, ...] = (MODEL, DATASET, DATALOADER, SAMPLER)
 
 NOT_IN_SCENARIO: dict[tuple[str, str], str] = {
     ("model", "upload_to_hub"): "needs a model hub and a token of it",
@@ -155,6 +155,7 @@ class Classes:
     Dataset: Any
     DataLoader: Any
     Model: Any
+    Sampler: Any
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments the model takes on this side only (the local ``output_dir``: a
     server chooses where checkpoints go)."""
@@ -248,6 +249,18 @@ def _scenario(classes: Classes, extra_data: Path, make: Callable[..., Traced], L
     checkpoint = model.save("ck", save_optimizer=True)
     model.forward_only(epoch[0])
     model.forward_only(epoch[1], return_logits=True)
+
+    # --- sampling: the adapter as it trains, then its checkpoint and the base on a sampler
+    question = [{"role": "user", "content": "who are you?"}]
+    model.sample(question, {"max_tokens": 8, "temperature": 0})
+    model.sample([question, [5, 6, 7]], {"max_tokens": 6, "temperature": 0.9, "seed": 5, "prompt_logprobs": True},
+                 num_samples=2)
+    sampler = make(classes.Sampler, SAMPLER, MODEL_ID, device="cpu", dtype="float32")
+    sampler.set_template("Template", model_id=MODEL_ID, max_length=256)
+    sampler.add_adapter_to_sampler("ck", checkpoint)
+    sampler.sample(question, {"max_tokens": 8, "temperature": 0}, adapter_name="ck")
+    sampler.sample(question, {"max_tokens": 8, "temperature": 0, "stop": ["a"]}, adapter_uri=checkpoint)
+    sampler.sample([question, [5, 6, 7]], {"max_tokens": 6, "temperature": 1.0, "seed": 3}, num_samples=2)
 
     # --- train on into the next epoch with the fused step
     train(model, first(loader, 2), fused=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import OrderedDict
 import re
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,8 @@ from ..loss import Loss, LossValue
 from ..paths import atomic_directory
 from ..processor import InputProcessor
 from ..protocol.api import ModelAPI
-from ..protocol.names import check_adapter_name, check_checkpoint_name
 from ..protocol.limits import MAX_SAMPLE_SEQUENCES, MAX_SAMPLING_ADAPTERS
+from ..protocol.names import check_adapter_name, check_checkpoint_name
 from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..protocol.sampling import SampleResponse, SamplingParams
 from ..registry import REGISTRY
@@ -185,7 +185,9 @@ class MultiLoraTransformersModel(ModelAPI):
         with self._lock:
             state = self._adapter(adapter_name)
             assert self._peft is not None
-            self._peft.delete_adapter(state.peft_name)
+            with warnings.catch_warnings():  # peft's note that another adapter is now "active"
+                warnings.simplefilter("ignore")
+                self._peft.delete_adapter(state.peft_name)
             del self._adapters[state.name]
             self._settle_modes()
 

@@ -1,0 +1,134 @@
+"""Sampling in the library: generation leaves training untouched, and its parameters mean
+what they say (checked against greedy decoding, the same call again, and plain counting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from twinkle.errors import CheckpointError, InvalidArgumentError, NotFoundError
+from twinkle.model import MultiLoraTransformersModel
+from twinkle.protocol.limits import MAX_SAMPLING_ADAPTERS
+from twinkle.sampler import SamplingParams, TorchSampler
+
+pytestmark = pytest.mark.unit
+
+QUESTION = [{"role": "user", "content": "who are you?"}]
+ROWS = [[3, 40, 41, 42, 43, 44, 45, 46], [3, 50, 51, 52, 53]]
+
+
+def _model(tmp_path: Path, **adapter: int) -> MultiLoraTransformersModel:
+    model = MultiLoraTransformersModel(output_dir=str(tmp_path), device="cpu", dtype="float32")
+    model.add_adapter_to_model("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                               init_lora_weights=False), **adapter)
+    model.set_optimizer("AdamW", lr=1e-2)
+    return model
+
+
+def _batch() -> list[dict[str, list[int]]]:
+    return [{"input_ids": row, "labels": row} for row in ROWS]
+
+
+def _weights(model: MultiLoraTransformersModel) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model._adapter("a").params]
+
+
+def test_sampling_mid_window_changes_nothing_of_the_adapter(tmp_path: Path) -> None:
+    plain, sampled = _model(tmp_path / "p", gradient_accumulation_steps=2), _model(tmp_path / "s",
+                                                                                   gradient_accumulation_steps=2)
+    for step in range(3):
+        plain.forward_backward(_batch())
+        sampled.forward_backward(_batch())
+        generator = sampled._adapter("a").generator.get_state().clone()
+        grads = [p.grad.clone() for p in sampled._adapter("a").params]
+        before = _weights(sampled)
+        sampled.sample([QUESTION, [5, 6, 7]], {"max_tokens": 6, "temperature": 1.0, "seed": step})
+        assert torch.equal(sampled._adapter("a").generator.get_state(), generator)
+        assert all(torch.equal(p.grad, g) for p, g in zip(sampled._adapter("a").params, grads, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(_weights(sampled), before, strict=True))
+        for model in (plain, sampled):
+            model.forward_backward(_batch())
+            model.clip_grad_and_step(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(plain), _weights(sampled), strict=True))
+    assert plain.get_train_state() == sampled.get_train_state()
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    greedy = model.sample(QUESTION, {"max_tokens": 12, "temperature": 0})[0].sequences[0].tokens
+    for params in ({"top_k": 1}, {"top_p": 1e-6}):
+        hot = model.sample(QUESTION, {"max_tokens": 12, "temperature": 5.0, "seed": 1, **params}, num_samples=3)
+        assert [s.tokens for s in hot[0].sequences] == [greedy] * 3
+
+
+def test_sequence_i_of_a_seeded_call_draws_from_seed_plus_i(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    hot = {"max_tokens": 10, "temperature": 2.0}
+    two = model.sample(QUESTION, {**hot, "seed": 40}, num_samples=2)[0].sequences
+    assert two[1].tokens == model.sample(QUESTION, {**hot, "seed": 41})[0].sequences[0].tokens
+    assert two[0].tokens != two[1].tokens
+    unseeded = [model.sample(QUESTION, hot)[0].sequences[0].tokens for _ in range(3)]
+    assert len({tuple(t) for t in unseeded}) > 1  # without a seed, calls differ
+
+
+def test_inputs_forms_and_errors(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    greedy = {"max_tokens": 4, "temperature": 0}
+    one = model.sample(QUESTION, greedy)
+    assert len(one) == 1
+    assert model.sample({"messages": QUESTION}, greedy)[0].sequences == one[0].sequences
+    assert model.sample([one[0].prompt_tokens], greedy)[0].sequences == one[0].sequences
+    assert model.sample({"input_ids": one[0].prompt_tokens}, greedy)[0].sequences == one[0].sequences
+    assert len(model.sample([QUESTION, [5, 6], {"messages": QUESTION}], greedy)) == 3
+    assert model.sample(QUESTION, SamplingParams(max_tokens=4, temperature=0))[0].sequences == one[0].sequences
+    bad = [([], "non-empty"), (["hi"], "conversation"), ({"text": "hi"}, "'messages' or 'input_ids'"),
+           ([[{"role": "robot", "content": "x"}]], "role")]
+    for inputs, words in bad:
+        with pytest.raises(InvalidArgumentError, match=words):
+            model.sample(inputs, greedy)
+    for params, words in [({"max_tokens": -1}, "max_tokens"), ({"stop": [""]}, "stop"), ("fast", "dict"),
+                          ({"top_k": -2}, "top_k")]:
+        with pytest.raises(InvalidArgumentError, match=words) as caught:
+            model.sample(QUESTION, params)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(InvalidArgumentError, match="num_samples"):
+        model.sample(QUESTION, greedy, num_samples=0)
+    with pytest.raises(NotFoundError):
+        model.sample(QUESTION, greedy, adapter_name="nobody")
+
+
+def test_checkpoints_for_sampling_are_frozen_bounded_and_fresh(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    sampler = TorchSampler.over(model)
+    greedy = {"max_tokens": 8, "temperature": 0}
+    first = model.save("c")
+    answer = sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens
+    assert answer == model.sample(QUESTION, greedy)[0].sequences[0].tokens
+    # Re-saving under the same name is seen (the loaded copy is keyed by the file's time).
+    for _ in range(3):
+        model.forward_backward(_batch())
+        model.clip_grad_and_step(1.0)
+    model.save("c")
+    assert sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens == \
+        model.sample(QUESTION, greedy)[0].sequences[0].tokens
+    for i in range(MAX_SAMPLING_ADAPTERS + 2):
+        sampler.sample([5, 6], {"max_tokens": 1}, adapter_uri=model.save(f"k{i}"))
+    assert len(model._frozen) == MAX_SAMPLING_ADAPTERS
+    frozen = [n for n, p in model._peft.named_parameters() if "frozen" in n]
+    assert frozen and not any(p.requires_grad for n, p in model._peft.named_parameters() if "frozen" in n)
+    assert model.free_slots == model.max_loras - 1 and model.adapters == ["a"]
+    assert all(p.requires_grad for p in model._adapter("a").params)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        sampler.sample(QUESTION, greedy, adapter_name="x", adapter_uri=first)
+    with pytest.raises(CheckpointError):
+        sampler.sample(QUESTION, greedy, adapter_uri=str(tmp_path / "missing"))
+
+
+def test_a_fresh_sampler_samples_the_bare_base_model() -> None:
+    sampler = TorchSampler(device="cpu")
+    out = sampler.sample([QUESTION, [7, 8, 9]], {"max_tokens": 5, "temperature": 0, "prompt_logprobs": True})
+    assert [len(r.sequences[0].tokens) for r in out] == [5, 5]
+    assert out[1].prompt_logprobs[0] is None and len(out[1].prompt_logprobs) == 3
