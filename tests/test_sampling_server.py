@@ -198,3 +198,22 @@ def test_bad_sampling_input_is_one_clear_line(remote: Any) -> None:
         sampler.sample(QUESTION, GREEDY, adapter_name="nothing")
     # The sampler still works afterwards.
     assert sampler.sample(QUESTION, GREEDY)[0].sequences[0].tokens
+
+
+SNIPPET = """
+from twinkle.sampler import TorchSampler
+
+sampler = TorchSampler('builtin://tiny-qwen2')
+out = sampler.sample([{'role': 'user', 'content': 'who are you?'}],
+                     {'max_tokens': 16, 'temperature': 0.8, 'seed': 5}, num_samples=2)
+RESULT = [(s.tokens, s.decoded, s.stop_reason) for s in out[0].sequences]
+"""
+
+
+def test_the_import_swap_works_for_sampling(remote: Any) -> None:
+    local: dict[str, Any] = {}
+    exec(SNIPPET, local)
+    swapped: dict[str, Any] = {}
+    exec(SNIPPET.replace("from twinkle.", "from twinkle_client."), swapped)
+    assert type(swapped["sampler"]).__module__ == "twinkle_client.sampler"
+    assert swapped["RESULT"] == local["RESULT"]
