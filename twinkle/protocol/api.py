@@ -13,7 +13,7 @@ The behaviour of a method is its ``Method`` record:
 - ``deferred``: remotely, the call returns a lazy value at once and is sent with the next
   batch; a failure surfaces at the next call or read on the same object.
 - ``effect``: what the server records when the call has run (run progress, a metric point,
-  a completed step, a checkpoint row, a component) -- see ``Effect``.
+  an eval point, a completed step, a checkpoint row, a component) -- see ``Effect``.
 - ``event``: the ``twinkle_client`` training event it raises (the notebook layer listens).
 - ``args``: parameters that are not plain values -- see ``Arg``.
 - ``returns``: what the value means, where local and remote spell it differently -- see
