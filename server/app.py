@@ -29,7 +29,14 @@ from twinkle.errors import (
     one_line,
     status_for,
 )
-from twinkle.protocol.wire import API_PREFIX, CallBatch, CreateObjectRequest, ErrorInfo, ErrorResponse
+from twinkle.protocol.wire import (
+    API_PREFIX,
+    CallBatch,
+    CreateObjectRequest,
+    ErrorInfo,
+    ErrorResponse,
+    TrainingRunUpdate,
+)
 
 from . import __version__
 from .context import ServerContext
@@ -142,7 +149,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """The default schema, plus the msgpack/JSON request bodies the object routes read by hand."""
+    """The default schema, plus the msgpack/JSON request bodies the routes read by hand."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema:
@@ -150,13 +157,14 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         ref = "#/components/schemas/{model}"
-        for model in (CreateObjectRequest, CallBatch):
+        for model in (CreateObjectRequest, CallBatch, TrainingRunUpdate):
             body = model.model_json_schema(ref_template=ref)
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
-        for path, model in ((f"{API_PREFIX}/objects", CreateObjectRequest),
-                            (f"{API_PREFIX}/objects/{{object_id}}/calls", CallBatch)):
-            op = schema["paths"].get(path, {}).get("post")
+        for path, method, model in ((f"{API_PREFIX}/objects", "post", CreateObjectRequest),
+                                    (f"{API_PREFIX}/objects/{{object_id}}/calls", "post", CallBatch),
+                                    (f"{API_PREFIX}/training_runs/{{run_id}}", "patch", TrainingRunUpdate)):
+            op = schema["paths"].get(path, {}).get(method)
             if op is not None:
                 content = {"$ref": ref.format(model=model.__name__)}
                 op["requestBody"] = {

@@ -25,8 +25,8 @@ from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError, S
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.protocol import codec
 from twinkle.protocol.api import MODEL, SAMPLER, ApiClass, Arg, Effect, Method
-from twinkle.sampler import TorchSampler
 from twinkle.protocol.names import check_adapter_name, is_checkpoint_name, twinkle_path
+from twinkle.sampler import TorchSampler
 
 from .policy import check_remote_id
 from .runs import RunBook
@@ -328,11 +328,15 @@ class ModelHandle:
             num_tokens=int(value.num_tokens),
             time_=time.time(),
         )
-        rows = int(value.batch_size)
-        if rows > self._batch_rows.get(link.run_id, 0):
-            # Written only when it grows: one database write per run, not one per micro-batch.
-            self._batch_rows[link.run_id] = rows
-            self._record(f"the batch size of run {link.run_id}", self.store.note_batch_size, link.run_id, rows)
+
+        def note_rows() -> None:
+            rows = int(value.batch_size)
+            if rows > self._batch_rows.get(link.run_id, 0):
+                # Written only when it grows: one database write per run, not one per micro-batch.
+                self.store.note_batch_size(link.run_id, rows)
+                self._batch_rows[link.run_id] = rows
+
+        self._record(f"the batch size of run {link.run_id}", note_rows)
 
     def _record_eval(self, call: _Call, value: Any) -> None:
         link = call.link

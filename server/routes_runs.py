@@ -9,9 +9,19 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from twinkle.protocol.limits import MAX_SEQ
+from twinkle.protocol.limits import MAX_SEQ, MAX_SMALL_BODY_BYTES
+from twinkle.protocol.names import (
+    MAX_RUN_NAME,
+    MAX_RUN_TAGS,
+    check_run_dataset,
+    check_run_name,
+    check_run_tags,
+)
 from twinkle.protocol.wire import (
     Checkpoint,
     CheckpointsListResponse,
@@ -22,6 +32,7 @@ from twinkle.protocol.wire import (
     ServerInfo,
     TrainingRun,
     TrainingRunsResponse,
+    TrainingRunUpdate,
     UploadStatus,
 )
 
@@ -29,6 +40,7 @@ from . import __version__, views
 from .context import ServerContext
 from .deps import Ctx, CurrentUser
 from .model_handle import ModelHandle
+from .wire import read_body
 
 router = APIRouter()
 _ERRORS = {401: {"description": "missing or invalid API key"}, 404: {"description": "not found (or not yours)"}}
@@ -73,9 +85,13 @@ def list_training_runs(
     ctx: Ctx,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    name: Annotated[str | None, Query(max_length=MAX_RUN_NAME)] = None,
+    tag: Annotated[list[str] | None, Query(max_length=MAX_RUN_TAGS)] = None,
 ) -> TrainingRunsResponse:
-    """The caller's runs, most recent activity first."""
-    runs, total = ctx.store.list_runs(user.id, limit, offset)
+    """The caller's runs, most recent activity first; with ``name``, those whose name contains
+    it (any case); with ``tag`` (repeatable), those that carry every one of the tags."""
+    runs, total = ctx.store.list_runs(user.id, limit, offset, name=check_run_name(name or ""),
+                                      tags=check_run_tags(tag or []))
     return TrainingRunsResponse(training_runs=[views.training_run(r) for r in runs], cursor=Cursor(limit=limit, offset=offset, total_count=total))
 
 
@@ -83,6 +99,30 @@ def list_training_runs(
 def get_training_run(run_id: str, user: CurrentUser,
                      ctx: Ctx) -> TrainingRun:
     return views.training_run(ctx.store.get_run(user.id, run_id))
+
+
+@router.patch("/training_runs/{run_id}", response_model=TrainingRun, tags=["runs"],
+              responses={**_ERRORS, 400: {"description": "a name, tag or dataset the rules refuse"}})
+async def describe_training_run(run_id: str, request: Request, user: CurrentUser, ctx: Ctx) -> TrainingRun:
+    """Set the run's name, tags and dataset id (``TrainingRunUpdate``); a field left out stays."""
+    # Whose run it is comes first: another user's run is "not found" whatever the body holds.
+    await run_in_threadpool(ctx.store.get_run, user.id, run_id)
+    update = await read_body(request, _description, limit=MAX_SMALL_BODY_BYTES)
+    run = await run_in_threadpool(ctx.store.describe_run, user.id, run_id, **update)
+    return views.training_run(run)
+
+
+def _description(data: object) -> dict[str, object]:
+    """A ``TrainingRunUpdate`` body as checked values for ``Store.describe_run`` (decoding thread)."""
+    try:
+        update = TrainingRunUpdate.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+    return {
+        "name": None if update.name is None else check_run_name(update.name),
+        "tags": None if update.tags is None else check_run_tags(update.tags),
+        "dataset": None if update.dataset is None else check_run_dataset(update.dataset),
+    }
 
 
 @router.get("/training_runs/{run_id}/checkpoints", response_model=CheckpointsListResponse, tags=["runs"],

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX eval_points_by_run ON eval_points(run_id, step);
     """,
+    # 3: what a run was: the user's name, tags and dataset id for it, and its micro-batch rows.
+    """
+    ALTER TABLE training_runs ADD COLUMN name TEXT;
+    ALTER TABLE training_runs ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE training_runs ADD COLUMN dataset TEXT;
+    ALTER TABLE training_runs ADD COLUMN batch_size INTEGER;
+    """,
 ]
 
 
@@ -145,6 +152,10 @@ class RunRecord:
     last_checkpoint_name: str | None
     status: str
     revision: int
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,10 @@ class Store:
             last_checkpoint_name=row["last_checkpoint_name"],
             status=row["status"],
             revision=row["revision"],
+            name=row["name"],
+            tags=json.loads(row["tags"]),
+            dataset=row["dataset"],
+            batch_size=row["batch_size"],
         )
 
     def get_run(self, user_id: int, run_id: str) -> RunRecord:
@@ -358,16 +373,61 @@ class Store:
             raise NotFoundError(f"no training run {run_id!r}")
         return self._run(rows[0])
 
-    def list_runs(self, user_id: int, limit: int, offset: int) -> tuple[list[RunRecord], int]:
-        """The user's runs, most recent activity first, and their total count."""
-        total = int(self._query("SELECT COUNT(*) FROM training_runs WHERE user_id = ?", (user_id,))[0][0])
+    def list_runs(
+        self, user_id: int, limit: int, offset: int, *, name: str | None = None, tags: list[str] | None = None
+    ) -> tuple[list[RunRecord], int]:
+        """The user's runs, most recent activity first, and their total count. ``name``: only
+        runs whose name contains it (any case); ``tags``: only runs carrying every one of them."""
+        where, params = ["r.user_id = ?"], [user_id]
+        if name:
+            # instr, not LIKE: '%' and '_' in what the user typed match themselves.
+            where.append("instr(lower(COALESCE(r.name, '')), lower(?)) > 0")
+            params.append(name)
+        for tag in tags or ():
+            where.append("EXISTS (SELECT 1 FROM json_each(r.tags) t WHERE t.value = ?)")
+            params.append(tag)
+        clause = " WHERE " + " AND ".join(where)
+        total = int(self._query("SELECT COUNT(*) FROM training_runs r" + clause, tuple(params))[0][0])
         rows = self._query(
-            self._RUN_SELECT
-            + " WHERE r.user_id = ? ORDER BY COALESCE(r.last_request_time, r.created) DESC, r.created DESC,"
-            " r.run_id LIMIT ? OFFSET ?",
-            (user_id, limit, offset),
+            self._RUN_SELECT + clause
+            + " ORDER BY COALESCE(r.last_request_time, r.created) DESC, r.created DESC, r.run_id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
         )
         return [self._run(r) for r in rows], total
+
+    def describe_run(
+        self, user_id: int, run_id: str, *, name: str | None = None, tags: list[str] | None = None,
+        dataset: str | None = None,
+    ) -> RunRecord:
+        """Set the user's description of their run (None: leave a field; ``''`` clears a name or
+        dataset) and return the run; ``NotFoundError`` for a run that is not theirs. The values
+        are checked by the caller (``twinkle.protocol.names``)."""
+        sets, params = [], []
+        for column, value in (("name", name), ("dataset", dataset)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value or None)
+        if tags is not None:
+            sets.append("tags = ?")
+            params.append(json.dumps(tags))
+        if sets:
+            with self._tx() as db:
+                changed = db.execute(
+                    f"UPDATE training_runs SET {', '.join(sets)} WHERE run_id = ? AND user_id = ?",
+                    (*params, run_id, user_id),
+                ).rowcount
+            if not changed:
+                raise NotFoundError(f"no training run {run_id!r}")
+        return self.get_run(user_id, run_id)
+
+    def note_batch_size(self, run_id: str, rows: int) -> None:
+        """A micro-batch of ``rows`` rows trained the run: keep the largest seen (a smaller last
+        batch of an epoch does not change what the run's batch size was)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE training_runs SET batch_size = ? WHERE run_id = ? AND COALESCE(batch_size, 0) < ?",
+                (rows, run_id, rows),
+            )
 
     def run_ids(self) -> set[str]:
         return {r[0] for r in self._query("SELECT run_id FROM training_runs")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from twinkle.protocol.names import twinkle_path
-from twinkle.protocol.wire import Checkpoint, EvalPoint, MetricPoint, TrainingRun
+from twinkle.protocol.wire import Checkpoint, EvalPoint, MetricPoint, RunConfig, TrainingRun
 
 from .store import CheckpointRecord, EvalPointRecord, PointRecord, RunRecord
 
@@ -18,9 +18,34 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+def run_config(r: RunRecord) -> RunConfig:
+    """The run's key settings from its records; anything unrecorded stays None."""
+    lora, components = r.lora_config, r.components
+    optimizer = components.get("optimizer") or {}
+    scheduler = components.get("lr_scheduler") or {}
+    lr = optimizer.get("lr", (optimizer.get("kwargs") or {}).get("lr"))
+    alpha, targets = lora.get("lora_alpha"), lora.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        targets = None  # peft's per-model default, or a form this view does not show
+    return RunConfig(
+        lora_rank=r.lora_rank,
+        lora_alpha=alpha if isinstance(alpha, int | float) else None,
+        target_modules=targets,
+        optimizer=optimizer.get("name"),
+        learning_rate=lr if isinstance(lr, int | float) and not isinstance(lr, bool) else None,
+        lr_scheduler=scheduler.get("name"),
+        gradient_accumulation_steps=r.gradient_accumulation_steps,
+        batch_size=r.batch_size,
+        dataset=r.dataset,
+    )
+
+
 def training_run(r: RunRecord) -> TrainingRun:
     return TrainingRun(
         training_run_id=r.run_id,
+        name=r.name,
+        tags=r.tags,
+        config=run_config(r),
         base_model=r.base_model,
         model_owner=r.owner_name,
         adapter_name=r.adapter_name,

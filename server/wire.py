@@ -37,10 +37,11 @@ MSGPACK = codec.CONTENT_TYPE
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 
 
-def _too_large(what: str) -> PayloadTooLargeError:
+def _too_large(what: str, limit: int | None = None) -> PayloadTooLargeError:
+    most = f"{MAX_BODY_BYTES >> 20} MiB" if limit is None else f"{limit >> 10} KiB"
     return PayloadTooLargeError(
-        f"request body {what} more than {MAX_BODY_BYTES >> 20} MiB, the most this server accepts; "
-        "send the data in smaller requests"
+        f"request body {what} more than {most}, the most this server accepts"
+        f"{'' if limit is None else ' here'}; send the data in smaller requests"
     )
 
 
@@ -75,19 +76,20 @@ def _decode_pool() -> ThreadPoolExecutor:
     return _decoder
 
 
-async def read_body(request: Request, then: Callable[[Any], T] | None = None) -> Any:
+async def read_body(request: Request, then: Callable[[Any], T] | None = None, *, limit: int | None = None) -> Any:
     """The decoded body, or ``then(decoded body)``: everything after the bytes arrived (inflating,
     parsing, the bounds, ``then``'s validation) runs on a decoding thread, not the event loop.
     A malformed body is an ``InvalidArgumentError`` (400), one too large a ``PayloadTooLargeError``
-    (413)."""
+    (413); ``limit`` is a route's own bound on the body (bytes, before and after gzip; default
+    ``MAX_BODY_BYTES``)."""
     content_type = _media_type(request.headers.get("content-type"))
     if content_type and content_type != JSON and content_type not in _MSGPACK_TYPES:
         raise InvalidArgumentError(f"Content-Type must be {MSGPACK} or {JSON}, got {content_type[:100]}")
-    held = [await _read_capped(request)]
+    held = [await _read_capped(request, limit)]
     encoding = request.headers.get("content-encoding")
 
     def decode() -> Any:
-        body = _inflate(held.pop(), encoding)  # the compressed bytes are let go here...
+        body = _inflate(held.pop(), encoding, limit)  # the compressed bytes are let go here...
         data = decode_body(body, is_json=content_type == JSON)
         del body  # ... and the body's once it is decoded
         return then(data) if then is not None else data
@@ -120,37 +122,39 @@ def decode_body(body: bytes | bytearray, *, is_json: bool, bounds: codec.Bounds 
     return data
 
 
-async def _read_capped(request: Request) -> bytearray:
-    """The raw body, refused (413) as soon as it is known to exceed ``MAX_BODY_BYTES``. One
-    growing buffer, so that the body is never held twice (as chunks and joined)."""
-    limit = MAX_BODY_BYTES
+async def _read_capped(request: Request, limit: int | None = None) -> bytearray:
+    """The raw body, refused (413) as soon as it is known to exceed ``limit`` (None:
+    ``MAX_BODY_BYTES``). One growing buffer, so that the body is never held twice (as chunks
+    and joined)."""
+    most = MAX_BODY_BYTES if limit is None else limit
     declared = request.headers.get("content-length", "")
-    if declared.strip().isdigit() and int(declared) > limit:
-        raise _too_large("is")
+    if declared.strip().isdigit() and int(declared) > most:
+        raise _too_large("is", limit)
     body = bytearray()
     async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise _too_large("is")
+        if len(body) + len(chunk) > most:
+            raise _too_large("is", limit)
         body += chunk
     return body
 
 
-def _inflate(body: bytes | bytearray, encoding: str | None) -> bytes | bytearray:
-    """Undo ``Content-Encoding: gzip`` (the client compresses large batches)."""
+def _inflate(body: bytes | bytearray, encoding: str | None, limit: int | None = None) -> bytes | bytearray:
+    """Undo ``Content-Encoding: gzip`` (the client compresses large batches), up to ``limit``
+    bytes (None: ``MAX_BODY_BYTES``)."""
     encoding = (encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
         raise UnsupportedMediaTypeError(f"Content-Encoding {encoding} is not supported; send gzip or none")
-    limit = MAX_BODY_BYTES
+    most = MAX_BODY_BYTES if limit is None else limit
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        data = inflater.decompress(body, limit + 1)
-        if inflater.unconsumed_tail or len(data) > limit:
-            raise _too_large("inflates to")
+        data = inflater.decompress(body, most + 1)
+        if inflater.unconsumed_tail or len(data) > most:
+            raise _too_large("inflates to", limit)
         data += inflater.flush()
-        if len(data) > limit:
-            raise _too_large("inflates to")
+        if len(data) > most:
+            raise _too_large("inflates to", limit)
     except zlib.error as exc:
         raise InvalidArgumentError(f"request body is not valid gzip: {exc}") from None
     if not inflater.eof:

@@ -721,7 +721,8 @@ def test_dashboard_refuses_requests_without_jupyter_auth(
         assert "/login" in page.url, page.url
         shots(page, "auth-login-instead-of-dashboard")
         for path in ("twinkle/api/runs", "twinkle/api/runs/run-000000000000/metrics",
-                     "twinkle/api/runs/run-000000000000/checkpoints"):
+                     "twinkle/api/runs/run-000000000000/checkpoints",
+                     "twinkle/api/compare?run=run-000000000000&run=run-000000000001"):
             r = context.request.get(lab.url + path)
             assert r.status == 403, (path, r.status)
             assert key not in r.text()
@@ -752,6 +753,59 @@ def test_dashboard_refuses_requests_without_jupyter_auth(
         assert "connect-src 'self'" in csp and "default-src 'none'" in csp, csp
         for r in (page_html, http.get("twinkle/api/runs")):
             assert key not in r.text and server.url not in r.text
+
+
+def test_dashboard_shows_filters_and_compares_runs(
+    lab: JupyterServer, chromium: Any, twinkle: tuple[Any, str], shots: Callable[[Any, str], None],
+    raw_client: Callable[..., Any], raw_helpers: Any,
+) -> None:
+    import httpx
+
+    server, key = twinkle
+    raw = raw_client(server, key)
+    models = [raw_helpers.raw_model(raw, lr=lr) for lr in (1e-3, 4e-4)]
+    client = _client(twinkle)
+    tag = f"cmp{secrets.token_hex(3)}"  # this test's runs only, whatever the module trained before
+    try:
+        by_rate = {r.config.learning_rate: r.training_run_id for r in client.list_training_runs(limit=2)}
+        runs = [by_rate[1e-3], by_rate[4e-4]]
+        client.update_training_run(runs[0], name="base", tags=[tag, "base"])
+        client.update_training_run(runs[1], name="slower", tags=[tag], dataset="ms://org/data")
+        with _browser_context(chromium, shots, "dashboard-compare", [lab.log_path, server.log_path]) as (_, page):
+            page.goto(f"{lab.url}twinkle?token={lab.token}")
+            row = page.locator(f'tr.run[data-run="{runs[1]}"]')
+            row.wait_for()
+            assert row.locator("td").nth(2).inner_text() == "slower"
+            assert row.locator(".tag").all_inner_texts() == [tag]
+            assert row.locator("td.settings").inner_text() == "r4 α8 all-linear · AdamW lr 0.0004 · ms://org/data"
+            page.fill("#filter", f"#{tag} #base")
+            page.wait_for_function("() => document.querySelectorAll('#runs tr.run').length === 1")
+            assert page.locator("tr.run").get_attribute("data-run") == runs[0]
+            page.fill("#filter", f"#{tag}")
+            page.wait_for_function("() => document.querySelectorAll('#runs tr.run').length === 2")
+            assert page.locator("#compare").is_disabled()
+            for rid in runs:
+                page.locator(f'tr.run[data-run="{rid}"] input.pick').check()
+            page.click("#compare")
+            page.locator("#differences tbody tr").first.wait_for()
+            cells = {r[0]: r[1:] for r in (tr.locator("th, td").all_inner_texts()
+                                           for tr in page.locator("#differences tbody tr").all())}
+            assert cells["learning rate"] == ["0.001", "0.0004"] and cells["dataset"] == ["—", "ms://org/data"]
+            assert cells["name"] == ["base", "slower"] and "LoRA rank" not in cells
+            assert page.locator("#error").inner_text() == ""
+            shots(page, "dashboard-compare")
+            page.fill("#filter", "#no-run-has-this")
+            page.get_by_text("no runs match the filter").wait_for()
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"token {lab.token}"}, timeout=30) as http:
+            bad = http.get("twinkle/api/runs", params={"filter": "#not!a!tag"})
+            assert bad.status_code == 400 and bad.json()["error"].startswith("a tag must be")
+            assert http.get("twinkle/api/compare", params={"run": runs[0]}).status_code == 400
+            gone = http.get("twinkle/api/compare", params=[("run", runs[0]), ("run", "run-000000000000")])
+            assert gone.status_code == 404 and key not in gone.text
+    finally:
+        for model in models:
+            raw.delete(f"/objects/{model}")
+        client.close()
 
 
 # ---------------------------------------------------------------------------- Notebook 7

@@ -108,6 +108,10 @@ def test_config_lists_and_validates_traits(ip: InteractiveShell, capsys: pytest.
         ("%twinkle runs --limit 0", "argument --limit: page_size must be >= 1"),
         ("%twinkle plot --smoothing 1.5", "smoothing must be in [0, 1)"),
         ('%twinkle plot "unclosed', "No closing quotation"),
+        ("%twinkle compare", "the following arguments are required: RUN"),
+        ("%twinkle compare run-x run-x", "give two different runs or more"),
+        ("%twinkle label run-x", "say what to set: --name, --tag, --untag or --dataset"),
+        ("%twinkle runs --tag", "argument --tag: expected one argument"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(
@@ -122,7 +126,9 @@ def test_bad_arguments_are_one_line_usage_errors(
 
 
 @pytest.mark.parametrize("line", ["%twinkle status", "%twinkle runs", "%twinkle checkpoints run-x",
-                                  "%twinkle plot run-x", "%twinkle resume run-x latest"])
+                                  "%twinkle plot run-x", "%twinkle resume run-x latest", "%twinkle show run-x",
+                                  "%twinkle compare run-x run-y", "%twinkle label run-x --name n",
+                                  "%twinkle runs --tag exp"])
 def test_server_down_is_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str) -> None:
     ip.run_line_magic("load_ext", EXT)
     ip.run_cell("from twinkle_client import init_twinkle_client; init_twinkle_client()")
@@ -248,7 +254,8 @@ def test_help_is_generated_from_the_parser(ip: InteractiveShell, capsys: pytest.
         out = capsys.readouterr().out
         assert out.startswith("usage: %twinkle")
         listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.strip()}
-        assert {"help", "connect", "status", "runs", "checkpoints", "plot", "resume"} <= listed, out
+        assert {"help", "connect", "status", "runs", "show", "compare", "label", "checkpoints", "plot",
+                "resume"} <= listed, out
         assert "checkpoints (ckpts)" in out
     for line in ("%twinkle help plot", "%twinkle plot -h"):
         assert ip.run_cell(line).success

@@ -557,3 +557,24 @@ def test_browsers_page_compare_delete_and_resume(
     for obj in objects[1:]:
         raw.delete(f"/objects/{obj}")
     client.close()
+
+
+# ---------------------------------------------------------------------------- log lines
+
+
+def test_get_logger_lines_are_plain_output_in_a_kernel(kernel_env: dict[str, str], tmp_path: Path) -> None:
+    """A kernel shows stderr as a red block: the training loop's log lines go to stdout there."""
+    k = Kernel(kernel_env, tmp_path)
+    try:
+        # Before the extension is loaded, and after: both are plain output.
+        before = k.ok("from twinkle import get_logger\nlogger = get_logger()\nlogger.info('loss: 1.2500')")
+        k.ok("%load_ext twinkle_jupyter")
+        after = k.ok("get_logger('twinkle.loop').warning('step %d done', 3)")
+        for result, line in ((before, "[INFO:twinkle] loss: 1.2500\n"), (after, "[WARNING:twinkle.loop] step 3 done\n")):
+            streams = [(m["content"]["name"], m["content"]["text"]) for _, m in result.of_type("stream")]
+            assert streams == [("stdout", line)], streams
+        # What a cell prints to stderr itself is still stderr: only the log lines moved.
+        own = k.ok("import sys\nprint('real error', file=sys.stderr)")
+        assert [m["content"]["name"] for _, m in own.of_type("stream")] == ["stderr"]
+    finally:
+        k.shutdown()

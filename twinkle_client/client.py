@@ -19,7 +19,13 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from twinkle.errors import InvalidArgumentError, StateError, TransportError, TwinkleError
-from twinkle.protocol.names import TWINKLE_SCHEME, split_twinkle_path
+from twinkle.protocol.names import (
+    TWINKLE_SCHEME,
+    check_run_dataset,
+    check_run_name,
+    check_run_tags,
+    split_twinkle_path,
+)
 from twinkle.protocol.wire import (
     Checkpoint,
     CheckpointPath,
@@ -178,20 +184,58 @@ class TwinkleClient:
 
     # ------------------------------------------------------------------ runs
 
-    def list_training_runs(self, limit: int = 20, offset: int = 0) -> list[TrainingRun]:
-        """The current user's training runs, newest first."""
-        return self.list_training_runs_with_cursor(limit=limit, offset=offset)[0]
+    def list_training_runs(
+        self, limit: int = 20, offset: int = 0, *, name: str | None = None, tags: str | list[str] | None = None
+    ) -> list[TrainingRun]:
+        """The current user's training runs, newest first; ``name``: only those whose name
+        contains it (any case); ``tags``: only those carrying every one of the tags."""
+        return self.list_training_runs_with_cursor(limit=limit, offset=offset, name=name, tags=tags)[0]
 
-    def list_training_runs_with_cursor(self, limit: int = 20, offset: int = 0) -> tuple[list[TrainingRun], Cursor]:
-        """``(runs, cursor)``; the cursor tells the total count for paging."""
+    def list_training_runs_with_cursor(
+        self, limit: int = 20, offset: int = 0, *, name: str | None = None, tags: str | list[str] | None = None
+    ) -> tuple[list[TrainingRun], Cursor]:
+        """``(runs, cursor)``; the cursor tells the total count (of the runs that match) for paging."""
         _check_count("limit", limit, minimum=1)
         _check_count("offset", offset, minimum=0)
-        page = self._get(TrainingRunsResponse, "/training_runs", params={"limit": limit, "offset": offset})
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if name:
+            params["name"] = check_run_name(name)
+        wanted = check_run_tags([tags] if isinstance(tags, str) else list(tags or []))
+        if wanted:
+            params["tag"] = wanted
+        page = self._get(TrainingRunsResponse, "/training_runs", params=params)
         return page.training_runs, page.cursor
 
     def get_training_run(self, run_id: str) -> TrainingRun:
         """One run's details (``NotFoundError`` if it is not yours)."""
         return self._get(TrainingRun, f"/training_runs/{_seg(run_id, 'run_id')}")
+
+    def update_training_run(
+        self, run_id: str, *, name: str | None = None, tags: list[str] | None = None, dataset: Any = None
+    ) -> TrainingRun:
+        """Describe one of your runs; returns it as updated.
+
+        Args:
+            run_id: the run (``NotFoundError`` if it is not yours).
+            name: a name of at most 100 printable characters (``""`` removes it).
+            tags: the run's tags, replacing the ones it had (``[]`` removes them): at most 16,
+                each 1-32 letters, digits, ``_ . : = + -``, e.g. ``["sweep", "lr=1e-4"]``.
+            dataset: the id of the dataset it trains on, e.g. ``"ms://org/name"`` or a
+                ``DatasetMeta`` (``""`` removes it). The server records every other setting by
+                itself, but it cannot tell which dataset a batch came from.
+
+        A value left at None stays as it was. A refused value is an ``InvalidArgumentError``
+        saying what is allowed, raised before anything is sent.
+        """
+        body: dict[str, Any] = {}
+        if name is not None:
+            body["name"] = check_run_name(name)
+        if tags is not None:
+            body["tags"] = check_run_tags([tags] if isinstance(tags, str) else tags)
+        if dataset is not None:
+            body["dataset"] = check_run_dataset(getattr(dataset, "dataset_id", dataset))
+        data = self._transport.patch_json(f"/training_runs/{_seg(run_id, 'run_id')}", body)
+        return _parse(TrainingRun, data)
 
     def get_metrics(self, run_id: str, since_step: int = 0) -> MetricsResponse:
         """The run's per-micro-batch metrics with ``step > since_step``, oldest first, and its eval

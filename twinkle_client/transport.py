@@ -207,6 +207,12 @@ class Transport:
     def delete_json(self, path: str, *, retry: RetryPolicy | None = None) -> Any:
         return _decode(self.request("DELETE", path, retry=retry))
 
+    def patch_json(self, path: str, payload: Any, *, retry: RetryPolicy | None = None) -> Any:
+        """PATCH a management route with a JSON body (a set of values: sending it again is harmless)."""
+        body = json.dumps(payload).encode()
+        return _decode(self.request("PATCH", path, content=body, headers={"Content-Type": "application/json"},
+                                    retry=retry))
+
     def post_msgpack(
         self, path: str, payload: Any, *, headers: dict[str, str] | None = None, retry: RetryPolicy | None = None,
         hub: bool = False,

@@ -3,8 +3,8 @@
 Each browser is a small ipywidgets form: a read-only HTML table (it also goes into the
 output bundle as ``text/html``, so a saved notebook or an HTML export shows it without a
 kernel), a selector, action buttons and a one-line status. Every action is also a method
-(``plot``, ``compare``, ``show_checkpoints``, ``resume``, ``copy_path``, ``delete``) so a cell
-or a test can do what a click does. A twinkle error is shown in the status line as
+(``plot``, ``compare``, ``show_checkpoints``, ``set_filter``, ``resume``, ``copy_path``,
+``delete``) so a cell or a test can do what a click does. A twinkle error is shown in the status line as
 ``str(err)``, never raised out of a click.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .connection import current_client, one_line_error
+from .runinfo import RunComparison, config_summary, parse_filter, text
 from .settings import DEFAULTS, check
 
 __all__ = ["ActionError", "CheckpointBrowser", "RunBrowser"]
@@ -125,18 +126,18 @@ class _Browser(widgets.VBox):
             self._say(str(exc) if isinstance(exc, ActionError) else one_line_error(exc), error=True)
             return None
 
-    def _show(self, item: Any) -> None:
-        """Show what an action opened below the browser, replacing the previous one."""
+    def _show(self, *items: Any) -> None:
+        """Show what an action opened below the browser, replacing what was there."""
         for old in self._opened:
             stop = getattr(old, "stop", None)
             if callable(stop):
                 stop(timeout=0.5)
-        self._opened = [item]
+        self._opened = list(items)
         self.output.clear_output(wait=True)
         with self.output:
             from IPython.display import display
 
-            display(item)
+            display(*items)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs) or {}
@@ -158,26 +159,38 @@ class _Browser(widgets.VBox):
 
 
 class RunBrowser(_Browser):
-    """The user's training runs, a page at a time, with Plot, Checkpoints and Compare.
+    """The user's training runs, a page at a time, with their names, tags and key settings, a
+    filter box, and Plot, Checkpoints and Compare.
 
     Args:
         page_size: runs per page.
         client: a ``TwinkleClient`` (default: the current connection).
         namespace: where Resume (in a checkpoint browser opened from here) looks for the
             notebook's model and dataloaders (default: the IPython user namespace).
+        filter: only the runs this filter matches (as typed into the filter box): words
+            starting with ``#`` are tags the run must carry, the other words a piece of its
+            name, e.g. ``"sweep #lr=1e-4"``.
     """
 
-    HEADERS = ["run", "base model", "created", "last activity", "steps", "last loss", "checkpoints", "status"]
+    HEADERS = ["run", "name", "tags", "settings", "created", "last activity", "steps", "last loss", "checkpoints",
+               "status", "base model"]
 
     def __init__(
         self, *, page_size: int = DEFAULTS.page_size, client: Any = None, namespace: MutableMapping[str, Any] | None = None,
-        **kwargs: Any,
+        filter: str = "", **kwargs: Any,
     ) -> None:
         super().__init__(client, namespace if namespace is not None else _default_namespace(), **kwargs)
         self.page_size = check("page_size", page_size)
         self.offset = 0
         self.total = 0
         self.runs: list[Any] = []
+        self.last_comparison: RunComparison | None = None
+        """What the last Compare showed."""
+        self.filter_box = widgets.Text(
+            value=filter, placeholder="filter: name words, #tag", continuous_update=False,
+            layout=widgets.Layout(width="260px"),
+        )
+        self.filter_box.observe(lambda _c: self._guard(self.set_filter, self.filter_box.value), names="value")
         self._headers = list(self.HEADERS)
         self.selector = widgets.SelectMultiple(
             options=[], rows=min(8, self.page_size), description="runs", layout=widgets.Layout(width="420px"),
@@ -185,7 +198,8 @@ class RunBrowser(_Browser):
         )
         self.plot_button = widgets.Button(description="Plot", icon="line-chart", tooltip="live loss plot of the run")
         self.checkpoints_button = widgets.Button(description="Checkpoints", icon="archive")
-        self.compare_button = widgets.Button(description="Compare", icon="clone", tooltip="overlay the selected runs")
+        self.compare_button = widgets.Button(description="Compare", icon="clone",
+                                             tooltip="the settings in which the selected runs differ, and their curves")
         self.refresh_button = widgets.Button(icon="refresh", tooltip="refresh", layout=widgets.Layout(width="36px"))
         self.prev_button = widgets.Button(icon="chevron-left", tooltip="previous page",
                                           layout=widgets.Layout(width="36px"))
@@ -199,7 +213,8 @@ class RunBrowser(_Browser):
         self.prev_button.on_click(lambda _b: self._guard(self.page, self.offset - self.page_size))
         self.next_button.on_click(lambda _b: self._guard(self.page, self.offset + self.page_size))
         self.children = [
-            widgets.HBox([self.title, self.refresh_button, self.prev_button, self.page_label, self.next_button]),
+            widgets.HBox([self.title, self.refresh_button, self.prev_button, self.page_label, self.next_button,
+                          self.filter_box]),
             self.table,
             widgets.HBox([self.selector, widgets.VBox([self.plot_button, self.checkpoints_button,
                                                        self.compare_button])]),
@@ -214,30 +229,48 @@ class RunBrowser(_Browser):
         """Fetch the current page again."""
         self.page(self.offset)
 
+    def set_filter(self, line: str) -> None:
+        """Show only the runs ``line`` matches (see the class's ``filter``), from the first page."""
+        if self.filter_box.value != line:
+            self.filter_box.value = line  # its observer comes back here
+            return
+        self.page(0)
+
     def page(self, offset: int) -> None:
         """Show the page starting at run ``offset`` (clamped to the runs there are)."""
         offset = max(0, int(offset))
         client = self.client
         client.require_reachable()  # the listing would retry a down server for minutes; say so at once
-        runs, cursor = client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
+        name, tags = parse_filter(self.filter_box.value)
+
+        def fetch(at: int) -> Any:
+            return client.list_training_runs_with_cursor(limit=self.page_size, offset=at, name=name or None,
+                                                         tags=tags)
+
+        runs, cursor = fetch(offset)
         if not runs and offset > 0 and cursor.total_count:
             offset = max(0, (cursor.total_count - 1) // self.page_size * self.page_size)
-            runs, cursor = client.list_training_runs_with_cursor(limit=self.page_size, offset=offset)
+            runs, cursor = fetch(offset)
         self.runs, self.offset, self.total = list(runs), offset, cursor.total_count
         self._rows = [
             [
                 r.training_run_id,
-                r.base_model,
+                text(r.name),
+                text(r.tags),
+                config_summary(r) or "—",
                 _when(r.created),
                 _ago(r.last_request_time),
                 str(r.cur_step),
                 _loss(r.last_loss),
                 str(r.num_checkpoints),
                 r.status + (f" (rev {r.revision})" if r.revision else ""),
+                r.base_model,
             ]
             for r in self.runs
         ]
-        self.table.value = _table(self._headers, self._rows) if self._rows else "<i>no training runs yet</i>"
+        filtered = bool(name or tags)
+        empty = "<i>no runs match the filter</i>" if filtered else "<i>no training runs yet</i>"
+        self.table.value = _table(self._headers, self._rows) if self._rows else empty
         first, last = (offset + 1, offset + len(self.runs)) if self.runs else (0, 0)
         self.page_label.value = f'<span style="font-size:12px">{first}–{last} of {self.total}</span>'
         self.title.value = '<b style="font-size:13px">Training runs</b>'
@@ -245,11 +278,14 @@ class RunBrowser(_Browser):
         self.next_button.disabled = offset + len(self.runs) >= self.total
         keep = [v for v in self.selector.value if v in {r.training_run_id for r in self.runs}]
         self.selector.options = [
-            (f"{r.training_run_id} · step {r.cur_step} · loss {_loss(r.last_loss)}", r.training_run_id)
+            (f"{r.training_run_id}{f' {r.name}' if r.name else ''} · step {r.cur_step} · loss {_loss(r.last_loss)}",
+             r.training_run_id)
             for r in self.runs
         ]
         self.selector.value = tuple(keep)
-        self._say(f"{self.total} run{'s' if self.total != 1 else ''}")
+        one = self.total == 1
+        self._say(f"{self.total} run{'' if one else 's'}" + ((" matches" if one else " match") + " the filter"
+                                                            if filtered else ""))
 
     @property
     def run_ids(self) -> list[str]:
@@ -286,22 +322,27 @@ class RunBrowser(_Browser):
         return self._open_plot([rid], get_session())
 
     def compare(self, run_ids: Any = None) -> Any:
-        """Overlay the loss curves of several runs (the selected ones by default)."""
+        """Show the settings in which several runs (the selected ones by default) differ, over
+        their loss curves overlaid; returns the plot (``last_comparison`` holds the table)."""
         from .session import get_session
 
         chosen = self._selected(run_ids, single=False)
-        return self._open_plot(chosen, get_session())
+        # Fetched first: a run that is not yours fails here, in one line.
+        comparison = RunComparison([self.client.get_training_run(rid) for rid in chosen])
+        self.last_comparison = comparison
+        return self._open_plot(chosen, get_session(), comparison)
 
-    def _open_plot(self, run_ids: list[str], session: Any) -> Any:
-        for rid in run_ids:
-            self.client.get_training_run(rid)  # one clear line for a run that is not yours
+    def _open_plot(self, run_ids: list[str], session: Any, *above: Any) -> Any:
+        if not above:
+            for rid in run_ids:
+                self.client.get_training_run(rid)  # one clear line for a run that is not yours
         if session is not None:
             plot = session.new_plot(run_ids, auto_finalize=True)
         else:
             from .plot import LossPlot
 
             plot = LossPlot(run_ids, client=self._client, auto_finalize=True)
-        self._show(plot)
+        self._show(*above, plot)
         self._say(f"plotting {', '.join(run_ids)}")
         return plot
 

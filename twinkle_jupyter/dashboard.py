@@ -1,6 +1,6 @@
 """The ``/twinkle`` dashboard: a Jupyter server extension.
 
-It serves one page and three read-only JSON routes under the Jupyter server's own auth
+It serves one page and four read-only JSON routes under the Jupyter server's own auth
 (its token or login cookie). The routes ask the configured twinkle server through
 ``twinkle_client``, so the browser never holds the twinkle API key and never needs to
 reach the twinkle server: it works behind JupyterHub and remote proxies, where an iframe
@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -75,6 +76,7 @@ class TwinkleDashboardApp(ExtensionApp):
             [
                 (r"/twinkle/?", DashboardPage),
                 (r"/twinkle/api/runs", RunsHandler),
+                (r"/twinkle/api/compare", CompareHandler),
                 (rf"/twinkle/api/runs/{_RUN_ID}/metrics", MetricsHandler),
                 (rf"/twinkle/api/runs/{_RUN_ID}/checkpoints", CheckpointsHandler),
             ]
@@ -195,18 +197,22 @@ def answer_status(err: Exception) -> int:
 class _Api(ExtensionHandlerMixin, APIHandler):
     """Read-only JSON over one twinkle_client call. There are no write routes (POST etc.: 405)."""
 
-    async def ask(self, fn_name: str, *args: Any, **kwargs: Any) -> None:
-        """Run one twinkle_client call off the event loop and answer with its JSON."""
+    async def ask(self, fn: str | Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run one twinkle_client call (a method name, or a function given the client first) off
+        the event loop and answer with its JSON."""
         from twinkle.errors import TwinkleError
 
         app: TwinkleDashboardApp = self.settings["twinkle_dashboard"]
+        fn_name = fn if isinstance(fn, str) else fn.__name__
 
         def call() -> Any:
             try:
                 client = app.client()
             except TwinkleError as err:  # no URL, or not a usable one: the Jupyter server's setup
                 raise _NotConfigured(str(err)) from None
-            return getattr(client, fn_name)(*args, **kwargs)
+            if isinstance(fn, str):
+                return getattr(client, fn)(*args, **kwargs)
+            return fn(client, *args, **kwargs)
 
         self.set_header("Cache-Control", "no-store")
         try:
@@ -228,13 +234,44 @@ class _Api(ExtensionHandlerMixin, APIHandler):
 
 
 class RunsHandler(_Api):
+    """The runs, each with ``summary`` (its key settings on one line). ``filter`` is the filter
+    box's text: words starting with ``#`` are tags a run must carry, the others a piece of its
+    name (``runinfo.parse_filter``; a malformed tag or name answers 400)."""
+
     @web.authenticated
     async def get(self) -> None:
+        from .runinfo import parse_filter
+
         limit = _int_arg(self, "limit", 50)
         offset = _int_arg(self, "offset", 0)
         if not 1 <= limit <= 500:
             raise web.HTTPError(400, "limit must be between 1 and 500")
-        await self.ask("list_training_runs", limit=limit, offset=offset)
+        name, tags = parse_filter(self.get_argument("filter", "")[:1000])
+        await self.ask(_runs_with_summaries, limit=limit, offset=offset, name=name or None, tags=tags)
+
+
+class CompareHandler(_Api):
+    """``?run=A&run=B...``: the settings in which the runs differ (``runinfo.RunComparison``)."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        runs = list(dict.fromkeys(self.get_arguments("run")))
+        if not 2 <= len(runs) <= 8 or not all(re.fullmatch(_RUN_ID, r) for r in runs):
+            raise web.HTTPError(400, "give 2 to 8 run ids as run=...")
+        await self.ask(_comparison, runs)
+
+
+def _runs_with_summaries(client: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    from .runinfo import config_summary
+
+    return [{**r.model_dump(mode="json"), "summary": config_summary(r)}
+            for r in client.list_training_runs(**kwargs)]
+
+
+def _comparison(client: Any, run_ids: list[str]) -> dict[str, Any]:
+    from .runinfo import compare_runs
+
+    return compare_runs(client, run_ids).as_json()
 
 
 class MetricsHandler(_Api):

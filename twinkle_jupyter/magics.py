@@ -1,4 +1,5 @@
-"""``%twinkle``: connect, status, runs, checkpoints, plot and resume from a notebook.
+"""``%twinkle``: connect, status, runs (name, tag, show, compare), checkpoints, plot and resume
+from a notebook.
 
 Settings are ``%config TwinkleMagics.<name> = value`` (or ``c.TwinkleMagics.<name>`` in
 ``ipython_config.py``). A twinkle error (server down, wrong key, a run that is not yours, a
@@ -91,9 +92,24 @@ def _parser() -> _Parser:
     p.add_argument("url", nargs="?", metavar="URL",
                    help="the server (default: TwinkleMagics.server_url, else $TWINKLE_SERVER_URL)")
     command("status", "server, user, base model, free adapter slots", "_status")
-    p = command("runs", "your training runs (browser: plot, checkpoints, compare)", "_runs")
+    p = command("runs", "your training runs with their settings (browser: filter, plot, checkpoints, compare)",
+                "_runs")
     p.add_argument("--limit", type=_setting_type("page_size", int), default=None, metavar="N",
                    help="runs per page (default: TwinkleMagics.page_size)")
+    p.add_argument("--name", default=None, metavar="TEXT", help="only runs whose name contains TEXT (any case)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="only runs tagged TAG (repeat: runs with every tag)")
+    p = command("show", "a run's name, tags and recorded settings", "_show")
+    p.add_argument("run", metavar="RUN", help="the training run id")
+    p = command("compare", "the settings in which runs differ", "_compare")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two training run ids or more")
+    p = command("label", "name a run, tag it, record its dataset", "_label")
+    p.add_argument("run", metavar="RUN", help="the training run id")
+    p.add_argument("--name", default=None, metavar="NAME", help="the run's name ('' removes it)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeatable)")
+    p.add_argument("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)")
+    p.add_argument("--dataset", default=None, metavar="ID",
+                   help="the dataset id it trains on, e.g. ms://org/name ('' removes it)")
     p = command("checkpoints", "a run's checkpoints (browser: resume, copy path, delete)", "_checkpoints",
                 aliases=("ckpts",))
     p.add_argument("run", metavar="RUN", help="the training run id")
@@ -213,11 +229,52 @@ class TwinkleMagics(Magics):
         display(ServerStatus(client.base_url, info))
 
     def _runs(self, args: argparse.Namespace) -> None:
+        line = self._runs_filter(args)
         current_client().require_reachable()
         from .browsers import RunBrowser
 
-        browser = RunBrowser(page_size=args.limit or self.page_size, namespace=self.shell.user_ns)
-        display(browser)
+        display(RunBrowser(page_size=args.limit or self.page_size, namespace=self.shell.user_ns, filter=line))
+
+    def _runs_filter(self, args: argparse.Namespace) -> str:
+        """``--name``/``--tag`` as the browser's filter line (tags are checked here, so a bad one
+        is one line before any widget is made)."""
+        from twinkle.protocol.names import check_run_name, check_tag
+
+        words = [check_run_name(args.name)] if args.name else []
+        return " ".join(words + [f"#{check_tag(t)}" for t in args.tag])
+
+    def _show(self, args: argparse.Namespace) -> None:
+        client = current_client()
+        client.require_reachable()
+        from .runinfo import RunSummary
+
+        display(RunSummary(client.get_training_run(args.run)))
+
+    def _compare(self, args: argparse.Namespace) -> None:
+        runs = list(dict.fromkeys(args.runs))
+        if len(runs) < 2:
+            raise UsageError("%twinkle compare: give two different runs or more")
+        client = current_client()
+        client.require_reachable()
+        from .runinfo import compare_runs
+
+        display(compare_runs(client, runs))
+
+    def _label(self, args: argparse.Namespace) -> None:
+        if args.name is None and args.dataset is None and not args.tag and not args.untag:
+            raise UsageError("%twinkle label: say what to set: --name, --tag, --untag or --dataset")
+        client = current_client()
+        client.require_reachable()
+        tags = None
+        if args.tag or args.untag:
+            current = client.get_training_run(args.run).tags  # a run that is not yours fails here
+            drop = set(args.untag)
+            tags = [t for t in dict.fromkeys([*current, *args.tag]) if t not in drop]
+        run = client.update_training_run(args.run, name=args.name, tags=tags, dataset=args.dataset)
+        from .runinfo import text
+
+        print(f"twinkle: {run.training_run_id}: name {text(run.name)}; tags {text(run.tags)}; "
+              f"dataset {text(run.config.dataset)}")
 
     def _checkpoints(self, args: argparse.Namespace) -> None:
         client = current_client()

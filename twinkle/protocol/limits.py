@@ -14,6 +14,9 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 MAX_SEQ = 2**53 - 1
 """Largest call seq: what JSON numbers and msgpack integers both carry exactly. Also the
 largest step, offset or other integer a query parameter takes."""
+MAX_SMALL_BODY_BYTES = 64 * 1024
+"""Largest body of a management request (a run's name, tags and dataset are a few hundred
+bytes): such a route never reads more, also after gzip is undone."""
 MAX_WIRE_VALUES = 1 << 20
 """Values one request body may hold: every item of a list and every key and every value of
 a map counts one. Token ids travel as packed arrays, which count as one value each."""

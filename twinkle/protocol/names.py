@@ -1,4 +1,5 @@
-"""What a name or id may look like: adapters, checkpoints, runs, hub repositories, ``twinkle://`` paths.
+"""What a name or id may look like: adapters, checkpoints, runs (ids, and the names, tags and
+dataset a user gives them), hub repositories, ``twinkle://`` paths.
 
 Every layer checks user-given names against these rules and nothing else, so a name the
 library accepts is one the server accepts and the client can route. A bad name is always an
@@ -58,6 +59,66 @@ def check_checkpoint_name(name: Any) -> str:
 
 def is_run_id(value: Any) -> bool:
     return isinstance(value, str) and bool(_RUN_ID.fullmatch(value))
+
+
+MAX_RUN_NAME = 100
+"""The longest name a user gives a run."""
+MAX_RUN_TAGS = 16
+"""The most tags one run carries."""
+MAX_TAG_LENGTH = 32
+"""The longest tag."""
+MAX_RUN_DATASET = 200
+"""The longest dataset id a user records for a run."""
+_TAG = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:=+-]{{0,{MAX_TAG_LENGTH - 1}}}")
+
+
+def _one_line_text(value: Any, what: str, most: int) -> str:
+    """``value`` stripped, if it is a string of at most ``most`` printable characters
+    (so one line: no newlines, tabs or control characters); ``''`` clears."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if len(value) > most:
+        raise InvalidArgumentError(f"{what} must be at most {most} characters, got {len(value)}")
+    if not value.isprintable():
+        raise InvalidArgumentError(f"{what} must be one line of printable characters; got {shown(value, 60)}")
+    return value
+
+
+def check_run_name(value: Any) -> str:
+    """A run's name: at most ``MAX_RUN_NAME`` printable characters on one line (``''``: none)."""
+    return _one_line_text(value, "run name", MAX_RUN_NAME)
+
+
+def check_run_dataset(value: Any) -> str:
+    """A run's dataset id as the user records it (``ms://org/name``, ``builtin://...``): at most
+    ``MAX_RUN_DATASET`` printable characters on one line (``''``: none)."""
+    return _one_line_text(value, "dataset", MAX_RUN_DATASET)
+
+
+def is_tag(value: Any) -> bool:
+    return isinstance(value, str) and bool(_TAG.fullmatch(value))
+
+
+def check_tag(value: Any) -> str:
+    """A tag: 1-32 letters, digits, ``_ . : = + -``, starting with a letter or digit (so a
+    tag is one word in a filter box and on a magic's command line: ``lr=1e-3``, ``sweep-2``)."""
+    if not is_tag(value):
+        raise InvalidArgumentError(
+            f"a tag must be 1-{MAX_TAG_LENGTH} letters, digits, '_', '.', ':', '=', '+' or '-', starting with "
+            f"a letter or digit; got {shown(value, 60)}"
+        )
+    return value
+
+
+def check_run_tags(value: Any) -> list[str]:
+    """A run's tags: a list of at most ``MAX_RUN_TAGS`` tags (``check_tag``), repeats dropped,
+    order kept."""
+    if not isinstance(value, list | tuple):
+        raise InvalidArgumentError(f"tags must be a list of strings, got {type(value).__name__}")
+    if len(value) > MAX_RUN_TAGS:
+        raise InvalidArgumentError(f"a run may have at most {MAX_RUN_TAGS} tags, got {len(value)}")
+    return list(dict.fromkeys(check_tag(t) for t in value))
 
 
 def is_hub_repo(value: Any) -> bool:
