@@ -9,11 +9,12 @@ checkpoint resumes it exactly: the model rebuilds it by name and keywords, then 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .errors import InvalidArgumentError
@@ -57,3 +58,23 @@ def CosineWarmupScheduler(
 def _held_after(step: int, *, schedule: Callable[[int], float], end: int) -> float:
     """``schedule`` up to step ``end``, its value there from then on."""
     return schedule(min(step, end))
+
+
+@REGISTRY.register("lr_scheduler")
+class FixedLR(LRScheduler):
+    """Holds every parameter group's LR at ``lr``, whatever the optimizer was built with.
+
+    For a loop that chooses the LR itself at each update (the Tinker API's ``optim_step`` does):
+    setting a new ``FixedLR`` changes the LR and keeps the optimizer's state, which a new
+    optimizer would drop. Its ``state_dict`` is plain data (``lr`` included), so a checkpoint
+    restores it exactly.
+    """
+
+    def __init__(self, optimizer: Optimizer, lr: float) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+            raise InvalidArgumentError(f"FixedLR lr must be a finite number >= 0, got {lr!r}")
+        self.fixed_lr = float(lr)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.fixed_lr for _ in self.optimizer.param_groups]

@@ -16,7 +16,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -197,11 +197,16 @@ class Packed:
     segments: list[Segment]
     rows: list[list[tuple[int, int]]]
     """For each micro-batch, its rows as (offset in the pass, length)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The batches' other per-token tensors (a loss's ``token_inputs``), packed like the labels
+    (``float32``; 0 for a batch without one)."""
 
 
 def pack(batches: Sequence[tuple[str, dict[str, torch.Tensor], int]], device: torch.device) -> Packed:
     """Pack ``(peft adapter name, collated batch, ignore index)`` micro-batches, in order."""
     ids, pos, labels, segs, rows = [], [], [], [], []
+    keys = sorted({k for _, batch, _ in batches for k in batch} - {"input_ids", "labels", "attention_mask"})
+    extras: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     offset = 0
     for adapter, batch, ignore in batches:
         start = offset
@@ -216,6 +221,8 @@ def pack(batches: Sequence[tuple[str, dict[str, torch.Tensor], int]], device: to
             ids.append(row_ids)
             labels.append(row_labels)
             pos.append(torch.arange(n, device=row_ids.device))
+            for key in keys:
+                extras[key].append(batch[key][r][keep].float() if key in batch else torch.zeros(n))
             spans.append((offset, n))
             offset += n
         segs.append(Segment(start, offset, adapter))
@@ -226,4 +233,5 @@ def pack(batches: Sequence[tuple[str, dict[str, torch.Tensor], int]], device: to
         labels=torch.cat(labels).unsqueeze(0).to(device),
         segments=segs,
         rows=rows,
+        extras={k: torch.cat(v).unsqueeze(0).to(device) for k, v in extras.items()},
     )

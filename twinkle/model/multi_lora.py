@@ -39,7 +39,7 @@ from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..protocol.sampling import SampleResponse, SamplingParams
 from ..registry import REGISTRY
 from ..template import Template
-from . import fused, generation
+from . import fused, generation, token_inputs
 from .adapter import AdapterState, ComponentSpec
 from .lora_policy import PolicyLimits, check_lora_config
 
@@ -318,6 +318,10 @@ class MultiLoraTransformersModel(ModelAPI):
             real = batch["attention_mask"].bool()
             if not any(bool((labels[r][real[r]][1:] != state.loss_ignore_index).any()) for r in range(len(labels))):
                 raise InvalidArgumentError("the batch has no labelled tokens (all labels are -100)")
+        loss = state.loss
+        if loss.token_inputs:
+            batch.update(token_inputs.collate(inputs, loss.token_inputs, loss.required_inputs, batch,
+                                              state.processor.padding_side))
         return batch
 
     def _pad_token_id(self, state: AdapterState) -> int:
@@ -414,15 +418,17 @@ class MultiLoraTransformersModel(ModelAPI):
             if not train:
                 stack.enter_context(torch.no_grad())
             logits = self._peft(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
-            values = [p.state.loss(logits[:, a:b], packed.labels[:, a:b]) for p, (a, b) in zip(parts, spans, strict=True)]
+            values = [_loss_of(p, logits, packed, a, b) for p, (a, b) in zip(parts, spans, strict=True)]
+        logprobs = [_row_logprobs(v, rows, a) for v, rows, (a, _) in zip(values, packed.rows, spans, strict=True)]
         if not train:
             return [
                 ForwardOutput(
                     loss=p.state.loss.report(v) if v.num_tokens else None,
                     num_tokens=v.num_tokens,
                     logits=_unpack_logits(logits, rows, p.batch) if p.return_logits else None,
+                    logprobs=lp,
                 )
-                for p, v, rows in zip(parts, values, packed.rows, strict=True)
+                for p, v, rows, lp in zip(parts, values, packed.rows, logprobs, strict=True)
             ]
         params = [param for p in parts for param in p.state.params]
         total = values[0].total
@@ -434,9 +440,9 @@ class MultiLoraTransformersModel(ModelAPI):
         for param, grad in zip(params, grads, strict=True):
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
-        return [self._count(p, v) for p, v in zip(parts, values, strict=True)]
+        return [self._count(p, v, lp) for p, v, lp in zip(parts, values, logprobs, strict=True)]
 
-    def _count(self, part: _Part, value: LossValue) -> ForwardBackwardOutput:
+    def _count(self, part: _Part, value: LossValue, logprobs: list[list[float]] | None = None) -> ForwardBackwardOutput:
         state = part.state
         if state.micro_in_window == 0:
             state.window_grad_norm = None
@@ -455,6 +461,7 @@ class MultiLoraTransformersModel(ModelAPI):
             micro_step=state.micro_step,
             accumulated=state.micro_in_window,
             gradient_accumulation_steps=state.gradient_accumulation_steps,
+            logprobs=logprobs,
         )
 
     def _normalize_grads(self, state: AdapterState) -> None:
@@ -913,6 +920,22 @@ def _one(results: list[T | Exception]) -> T:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def _loss_of(part: _Part, logits: torch.Tensor, packed: fused.Packed, start: int, end: int) -> LossValue:
+    """A part's loss on its tokens ``[start, end)`` of the pass, with the per-token inputs its
+    own batch carries (``Loss.token_inputs``)."""
+    loss = part.state.loss
+    extra = {k: packed.extras[k][:, start:end] for k in loss.token_inputs if k in part.batch}
+    return loss(logits[:, start:end], packed.labels[:, start:end], **extra)
+
+
+def _row_logprobs(value: LossValue, rows: list[tuple[int, int]], start: int) -> list[list[float]] | None:
+    """Each row's label log-probabilities (its tokens 1..n-1) out of a segment's, or None."""
+    if value.logprobs is None:
+        return None
+    flat = value.logprobs.detach()[0].float().cpu()
+    return [flat[offset - start:offset - start + n - 1].tolist() for offset, n in rows]
 
 
 def _unpack_logits(logits: torch.Tensor, rows: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,10 @@ class ForwardBackwardOutput(BaseModel):
     accumulated: int
     """Micro-batches in the current accumulation window, this one included."""
     gradient_accumulation_steps: int
+    logprobs: list[list[float]] | None = None
+    """Under a loss that returns them (``Loss.returns_logprobs``): for each row, the
+    log-probability of each of its labels after the first (row length - 1 values, 0 where the
+    label is ignored). None otherwise."""
 
     @property
     def window_complete(self) -> bool:
@@ -48,3 +52,5 @@ class ForwardOutput(BaseModel):
     loss: float | None = None
     num_tokens: int = 0
     logits: Any = None
+    logprobs: list[list[float]] | None = None
+    """As ``ForwardBackwardOutput.logprobs``."""
