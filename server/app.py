@@ -43,6 +43,7 @@ from .context import ServerContext
 from .errors import INTERNAL_MESSAGE
 from .routes_objects import router as objects_router
 from .routes_runs import router as runs_router
+from .tinker import install as install_tinker
 from .wire import respond
 
 log = logging.getLogger("twinkle_server")
@@ -192,6 +193,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(runs_router, prefix=API_PREFIX)
     app.include_router(objects_router, prefix=API_PREFIX)
+    install_tinker(app)  # the Tinker SDK's routes (server/tinker)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from twinkle.protocol.names import twinkle_path
+from twinkle.protocol.names import tinker_path, twinkle_path
 from twinkle.protocol.wire import Checkpoint, EvalPoint, MetricPoint, RunConfig, TrainingRun
 
 from .store import CheckpointRecord, EvalPointRecord, PointRecord, RunRecord
@@ -70,6 +70,7 @@ def checkpoint(c: CheckpointRecord) -> Checkpoint:
         checkpoint_id=c.name,
         training_run_id=c.run_id,
         twinkle_path=twinkle_path(c.run_id, c.name),
+        tinker_path=tinker_path(c.run_id, c.name),
         time=_dt(c.time),
         size_bytes=c.size_bytes,
         step=c.step,

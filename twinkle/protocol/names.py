@@ -164,3 +164,29 @@ def split_twinkle_path(value: Any) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[1] != "weights" or not is_run_id(parts[0]) or not is_checkpoint_name(parts[2]):
         return None
     return parts[0], parts[2]
+
+
+TINKER_SCHEME = "tinker://"
+SAMPLER_WEIGHTS_PREFIX = "sampler."
+"""A checkpoint saved for sampling through the Tinker API (``save_weights_for_sampler``) is the
+checkpoint ``sampler.<name>`` of its run: ``tinker://<run_id>/sampler_weights/<name>``."""
+
+
+def tinker_path(run_id: str, name: str) -> str:
+    """The checkpoint ``twinkle_path(run_id, name)`` as the Tinker SDK names it:
+    ``tinker://<run_id>/weights/<name>``, or ``.../sampler_weights/<rest>`` for a
+    ``sampler.<rest>`` checkpoint."""
+    if name.startswith(SAMPLER_WEIGHTS_PREFIX) and len(name) > len(SAMPLER_WEIGHTS_PREFIX):
+        return f"{TINKER_SCHEME}{run_id}/sampler_weights/{name[len(SAMPLER_WEIGHTS_PREFIX):]}"
+    return f"{TINKER_SCHEME}{run_id}/weights/{name}"
+
+
+def split_tinker_path(value: Any) -> tuple[str, str] | None:
+    """``(run_id, checkpoint name)`` of a well-formed ``tinker_path``; None for anything else."""
+    if not isinstance(value, str) or not value.startswith(TINKER_SCHEME):
+        return None
+    parts = value[len(TINKER_SCHEME):].split("/")
+    if len(parts) != 3 or not is_run_id(parts[0]) or parts[1] not in ("weights", "sampler_weights"):
+        return None
+    name = parts[2] if parts[1] == "weights" else SAMPLER_WEIGHTS_PREFIX + parts[2]
+    return (parts[0], name) if is_checkpoint_name(name) and is_checkpoint_name(parts[2]) else None

@@ -183,6 +183,9 @@ class Checkpoint(_Model):
     checkpoint_type: Literal["training"] = "training"
     training_run_id: str
     twinkle_path: str
+    tinker_path: str | None = None
+    """The same checkpoint as the Tinker SDK names it (``tinker://<run>/weights/<name>``, or
+    ``.../sampler_weights/<rest>`` for a ``sampler.<rest>`` checkpoint)."""
     time: datetime
     size_bytes: int
     step: int
