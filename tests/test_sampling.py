@@ -105,7 +105,10 @@ def test_checkpoints_for_sampling_are_frozen_bounded_and_fresh(tmp_path: Path) -
     sampler = TorchSampler.over(model)
     greedy = {"max_tokens": 8, "temperature": 0}
     first = model.save("c")
+    rng = torch.random.get_rng_state()
     answer = sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens
+    sampler.sample(QUESTION, {"max_tokens": 4, "temperature": 1.0, "seed": 3}, adapter_uri=first)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # torch's global RNG is every tenant's
     assert answer == model.sample(QUESTION, greedy)[0].sequences[0].tokens
     # Re-saving under the same name is seen (the loaded copy is keyed by the file's time).
     for _ in range(3):

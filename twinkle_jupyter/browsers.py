@@ -362,7 +362,7 @@ class CheckpointBrowser(_Browser):
     the equivalent ``%twinkle resume RUN CKPT`` line.
     """
 
-    HEADERS = ["checkpoint", "step", "saved", "size", "loss at save", "optimizer", "path"]
+    HEADERS = ["checkpoint", "step", "saved", "size", "loss at save", "optimizer", "path", "tinker path"]
 
     def __init__(
         self, run_id: str, *, client: Any = None, namespace: MutableMapping[str, Any] | None = None, **kwargs: Any
@@ -414,7 +414,7 @@ class CheckpointBrowser(_Browser):
         self.checkpoints = sorted(client.list_checkpoints(self.run_id), key=lambda c: (c.step, c.time))
         self._rows = [
             [c.checkpoint_id, str(c.step), _when(c.time), _size(c.size_bytes), _loss(c.loss),
-             "yes" if c.has_optimizer else "no", c.twinkle_path]
+             "yes" if c.has_optimizer else "no", c.twinkle_path, getattr(c, "tinker_path", None) or ""]
             for c in self.checkpoints
         ]
         self.table.value = _table(self._headers, self._rows) if self._rows else "<i>no checkpoints yet</i>"

@@ -124,8 +124,8 @@ def _runs_of(model: Any) -> list[str]:
 
 
 def choose_checkpoint(checkpoints: list[Any], checkpoint: str | None, run_id: str) -> Any:
-    """The checkpoint named ``checkpoint`` (id, ``weights/<id>`` or ``twinkle://`` path), or the
-    most recently saved for ``None``/``'latest'`` (as ``get_latest_checkpoint_path``)."""
+    """The checkpoint named ``checkpoint`` (id, ``weights/<id>``, ``twinkle://`` or ``tinker://``
+    path), or the most recently saved for ``None``/``'latest'`` (as ``get_latest_checkpoint_path``)."""
     if not checkpoints:
         raise NotFoundError(f"run {run_id} has no checkpoints yet: save one with model.save(name, save_optimizer=True)")
     if checkpoint in (None, "", "latest"):
@@ -134,7 +134,7 @@ def choose_checkpoint(checkpoints: list[Any], checkpoint: str | None, run_id: st
     if wanted.startswith("weights/"):
         wanted = wanted[len("weights/"):]
     for ckpt in checkpoints:
-        if wanted in (ckpt.checkpoint_id, ckpt.twinkle_path):
+        if wanted in (ckpt.checkpoint_id, ckpt.twinkle_path, getattr(ckpt, "tinker_path", None)):
             return ckpt
     names = ", ".join(c.checkpoint_id for c in checkpoints)
     raise NotFoundError(f"run {run_id} has no checkpoint {checkpoint!r} (it has: {names})")

@@ -145,27 +145,21 @@ class MultiLoraTransformersModel(ModelAPI):
                 )
             peft_name = f"slot{self._next_slot}"
             self._next_slot += 1
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                try:
-                    if self._peft is None:
-                        self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
-                    else:
-                        self._peft.add_adapter(peft_name, copy.deepcopy(config))
-                    self._check_adapter_layers(peft_name)
-                except torch.OutOfMemoryError:
-                    self._discard_partial_adapter(peft_name)
-                    raise CapacityError(f"adapter {adapter_name!r} does not fit in device memory") from None
-                except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, re.error) as exc:
-                    self._discard_partial_adapter(peft_name)
-                    raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {first_line(exc)}") from None
-                except BaseException:
-                    self._discard_partial_adapter(peft_name)
-                    raise
-                finally:
-                    # peft turned every other adapter's weights untrainable while it injected
-                    # this one, whether or not the add went through.
-                    self._settle_modes()
+            try:
+                self._inject(peft_name, config, seed)
+            except torch.OutOfMemoryError:
+                self._discard_partial_adapter(peft_name)
+                raise CapacityError(f"adapter {adapter_name!r} does not fit in device memory") from None
+            except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, re.error) as exc:
+                self._discard_partial_adapter(peft_name)
+                raise InvalidArgumentError(f"LoRA config does not fit {self.model_id}: {first_line(exc)}") from None
+            except BaseException:
+                self._discard_partial_adapter(peft_name)
+                raise
+            finally:
+                # peft turned every other adapter's weights untrainable while it injected
+                # this one, whether or not the add went through.
+                self._settle_modes()
             self._peft.to(self.device)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
@@ -194,6 +188,17 @@ class MultiLoraTransformersModel(ModelAPI):
     def _check_lora_config(self, config: LoraConfig | dict[str, Any]) -> LoraConfig:
         """The accepted config (see ``lora_policy``): it keeps the adapter to its own low-rank weights."""
         return check_lora_config(config, self._lora_limits)
+
+    def _inject(self, peft_name: str, config: LoraConfig, seed: int) -> None:
+        """Add peft adapter ``peft_name``, its initial weights drawn from ``seed``: torch's global
+        RNG, which every tenant shares, is left as it was."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if self._peft is None:
+                self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
+            else:
+                self._peft.add_adapter(peft_name, copy.deepcopy(config))
+            self._check_adapter_layers(peft_name)
 
     def _check_adapter_layers(self, peft_name: str) -> None:
         for module_name, module in self._base.named_modules():
@@ -635,11 +640,7 @@ class MultiLoraTransformersModel(ModelAPI):
             self._next_slot += 1
             config.inference_mode = True
             try:
-                if self._peft is None:
-                    self._peft = get_peft_model(self._base, copy.deepcopy(config), adapter_name=peft_name)
-                else:
-                    self._peft.add_adapter(peft_name, copy.deepcopy(config))
-                self._check_adapter_layers(peft_name)
+                self._inject(peft_name, config, seed=0)  # its weights are the checkpoint's
                 expected = get_peft_model_state_dict(self._peft, adapter_name=peft_name)
                 if set(expected) != set(weights) or any(
                     tuple(weights[k].shape) != tuple(v.shape) for k, v in expected.items()
