@@ -215,6 +215,14 @@ def test_the_run_is_a_twinkle_run(run: SimpleNamespace) -> None:
     assert [p.loss for p in points[:STEPS]] == pytest.approx(run.losses, abs=1e-5)
     assert all(p.lr == pytest.approx(LR) for p in points[:STEPS])
 
+    from twinkle_jupyter import CheckpointBrowser
+    from twinkle_jupyter.resume import choose_checkpoint
+
+    browser = CheckpointBrowser(run.run_id, client=client, namespace={})
+    shown = {row[0]: row for row in browser._rows}
+    assert shown["step10"][-2:] == [checkpoints["step10"].twinkle_path, run.saved.path]
+    assert choose_checkpoint(browser.checkpoints, run.saved.path, run.run_id).checkpoint_id == "step10"
+
     poller = MetricPoller(client=client)  # what %twinkle plot and the live plot read
     poller.add_run(run.run_id)
     poller.fetch()
