@@ -667,6 +667,107 @@ def test_lab_live_plot_resume_restart_and_dashboard(
     assert leaks.scanned > 20 and leaks.frames > 20, (leaks.scanned, leaks.frames)
 
 
+def test_lab_try_a_checkpoint_in_the_chat_and_keep_it_after_a_restart(
+    lab: JupyterServer, chromium: Any, twinkle: tuple[Any, str], shots: Callable[[Any, str], None],
+    raw_client: Callable[..., Any], raw_helpers: Any,
+) -> None:
+    import nbformat
+
+    server, key = twinkle
+    raw = raw_client(server, key)
+    _dataset, loader = raw_helpers.raw_dataloader(raw, rows=16, batch_size=4)
+    model = raw_helpers.raw_model(raw)
+    run_id = raw.get("/training_runs", limit=1).json()["training_runs"][0]["training_run_id"]
+    raw_helpers.train_steps(raw, model, loader, 2)
+    raw.call(model, "save", "ck-chat")
+    client = _client(twinkle)
+    (ckpt,) = client.list_checkpoints(run_id)
+    labels = [f"{ckpt.checkpoint_id} · step {ckpt.step}", "base model"]
+    # A notebook of its own (the quickstart's kernel): connect, then the run's checkpoint browser.
+    cell_browser = f"%twinkle checkpoints {run_id}"
+    path = lab.root / "chat.ipynb"
+    quickstart = nbformat.read(lab.root / "quickstart.ipynb", as_version=4)
+    cells = [nbformat.v4.new_code_cell("%load_ext twinkle_jupyter\n%twinkle connect"),
+             nbformat.v4.new_code_cell(cell_browser)]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=quickstart.metadata), path)
+    # JupyterLab may bring back the tabs an earlier test left open: wait for this notebook's.
+    ready = ("(p) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+             " return !!(w && w.context && w.context.path === p) && window.twinkleTest.ready(); }")
+    leaks = Leaks("chat", key, server.url)
+    try:
+        with _browser_context(chromium, shots, "chat", [lab.log_path, server.log_path]) as (context, page):
+            leaks.watch(context)
+            nb = Notebook(page, shots, "chat")
+            page.goto(f"{lab.url}lab/tree/chat.ipynb?token={lab.token}")
+            page.wait_for_function(ready, arg=path.name, timeout=90_000)
+            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+            nb.run("%load_ext twinkle_jupyter")
+            nb.run(cell_browser)
+            nb.lap("open the checkpoint browser")
+
+            # Try on the checkpoint's row, a prompt, Send: an answer appears.
+            cell = nb.cell(cell_browser)
+            cell.get_by_role("button", name="Try").click()
+            chat = cell.locator(".twinkle-chat")
+            chat.locator(".twinkle-chat-prompt-box textarea").fill("who are you?")
+            chat.get_by_role("button", name="Send").click()
+            first = chat.locator(".twinkle-chat-exchange").nth(0)
+            first.locator('.twinkle-chat-answer[data-state="done"]').wait_for()
+            assert first.locator(".twinkle-chat-answer").get_attribute("data-label") == labels[0]
+            nb.lap("Try, Send, first answer")
+
+            # Compare with the base model, Send again: two answers side by side.
+            chat.locator(".twinkle-chat-compare select").select_option(label="base model")
+            chat.get_by_role("button", name="Send").click()
+            second = chat.locator(".twinkle-chat-exchange").nth(1)
+            second.locator('.twinkle-chat-answer[data-state="done"]').nth(1).wait_for()
+            answers = second.locator(".twinkle-chat-answer")
+            assert [answers.nth(i).get_attribute("data-label") for i in range(2)] == labels
+            assert "who are you?" in second.locator(".twinkle-chat-prompt").inner_text()
+            assert all("token" in t for t in second.locator(".twinkle-chat-meta").all_inner_texts())
+            nb.shot("compare", cell_browser)
+            # The saved copy below the browser follows, hidden while the widget is drawn.
+            copy = cell.locator(".twinkle-chat-static")
+            copy.locator(".twinkle-chat-exchange").nth(1).locator('[data-state="done"]').nth(1).wait_for(
+                state="attached")
+            assert copy.is_hidden()
+            nb.lap("compare")
+
+            # Restart the kernel, save, reload: the widget is gone with its kernel, and the
+            # saved copy below it shows the prompt and both answers instead.
+            page.evaluate("() => { window.twinkleTest.watchKernel(); "
+                          "window.jupyterapp.commands.execute('kernelmenu:restart'); }")
+            page.locator(".jp-Dialog .jp-mod-accept").click()
+            page.wait_for_function("() => window.twinkleTest.restarted()")
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty")
+            page.reload()
+            page.wait_for_function(ready, arg=path.name, timeout=90_000)
+            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+            cell = nb.cell(cell_browser)
+            shown = cell.locator(".twinkle-chat-static .twinkle-chat-exchange").nth(1)
+            shown.locator('.twinkle-chat-answer[data-state="done"]').nth(1).wait_for()  # visible
+            assert "who are you?" in shown.locator(".twinkle-chat-prompt").inner_text()
+            answers = shown.locator(".twinkle-chat-answer")
+            assert [answers.nth(i).get_attribute("data-label") for i in range(2)] == labels
+            assert "only white space" in answers.nth(1).inner_text()  # what the tiny random model says
+            cell.scroll_into_view_if_needed()
+            nb.shot("after-restart-and-reload", cell_browser)
+            nb.lap("restart, save, reload")
+            leaks.check()
+
+        # The saved file holds the transcript as plain HTML too (for a viewer without widgets).
+        saved = nbformat.read(path, as_version=4)
+        (browser_cell,) = [c for c in saved.cells if c.source == cell_browser]
+        (copy_html,) = [o.data["text/html"] for o in browser_cell.outputs
+                        if "twinkle-chat-static" in o.get("data", {}).get("text/html", "")]
+        assert copy_html.count("who are you?") == 2 and copy_html.count('data-state="done"') == 3
+        assert all(f'data-label="{label}"' in copy_html for label in labels)
+    finally:
+        raw.delete(f"/objects/{model}")
+        client.close()
+
+
 # ---------------------------------------------------------------------------- the /twinkle page
 
 

@@ -112,6 +112,8 @@ def test_config_lists_and_validates_traits(ip: InteractiveShell, capsys: pytest.
         ("%twinkle compare run-x run-x", "give two different runs or more"),
         ("%twinkle label run-x", "say what to set: --name, --tag, --untag or --dataset"),
         ("%twinkle runs --tag", "argument --tag: expected one argument"),
+        ("%twinkle chat run-x --prompt ''", "%twinkle chat: --prompt is empty"),
+        ("%twinkle chat --max-tokens many", "argument --max-tokens: invalid int value: 'many'"),
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(
@@ -128,7 +130,8 @@ def test_bad_arguments_are_one_line_usage_errors(
 @pytest.mark.parametrize("line", ["%twinkle status", "%twinkle runs", "%twinkle checkpoints run-x",
                                   "%twinkle plot run-x", "%twinkle resume run-x latest", "%twinkle show run-x",
                                   "%twinkle compare run-x run-y", "%twinkle label run-x --name n",
-                                  "%twinkle runs --tag exp"])
+                                  "%twinkle runs --tag exp", "%twinkle chat", "%twinkle chat base",
+                                  "%twinkle chat run-x step-2 --compare base --prompt hi"])
 def test_server_down_is_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str) -> None:
     ip.run_line_magic("load_ext", EXT)
     ip.run_cell("from twinkle_client import init_twinkle_client; init_twinkle_client()")
@@ -255,7 +258,7 @@ def test_help_is_generated_from_the_parser(ip: InteractiveShell, capsys: pytest.
         assert out.startswith("usage: %twinkle")
         listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.strip()}
         assert {"help", "connect", "status", "runs", "show", "compare", "label", "checkpoints", "plot",
-                "resume"} <= listed, out
+                "resume", "chat"} <= listed, out
         assert "checkpoints (ckpts)" in out
     for line in ("%twinkle help plot", "%twinkle plot -h"):
         assert ip.run_cell(line).success
@@ -263,12 +266,15 @@ def test_help_is_generated_from_the_parser(ip: InteractiveShell, capsys: pytest.
         assert out.startswith("usage: %twinkle plot") and "--smoothing W" in out and "--x {step,time}" in out
     assert ip.run_cell("%twinkle help resume").success
     assert "--model MODEL" in capsys.readouterr().out
+    assert ip.run_cell("%twinkle help chat").success
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %twinkle chat") and "--compare CKPT|latest|base" in out and "--prompt TEXT" in out
 
 
 def test_plain_import_names() -> None:
     import twinkle_jupyter
 
-    for name in ("LossPlot", "RunBrowser", "CheckpointBrowser", "TwinkleMagics", "ResumeResult"):
+    for name in ("LossPlot", "RunBrowser", "CheckpointBrowser", "ChatWidget", "TwinkleMagics", "ResumeResult"):
         assert isinstance(getattr(twinkle_jupyter, name), type)
     from twinkle_jupyter.resume import resume
 

@@ -153,6 +153,17 @@ def test_quickstart_notebook(
     listed = set(RUN_ID.findall("".join(o.data["text/plain"] for o in runs_cell.outputs if "data" in o)))
     assert listed == {run_id}
     assert other_users_run not in listed
+
+    # It ends with "who are you?" answered by the trained adapter and by the base model side by
+    # side, in the chat widget and as plain HTML in the cell's output (for the saved notebook).
+    (chat_cell,) = _cell(nb, "%twinkle chat")
+    (saved,) = [o.data["text/html"] for o in chat_cell.outputs
+                if o.output_type == "display_data" and "twinkle-chat-static" in o.get("data", {}).get("text/html", "")]
+    (ckpt,) = client.list_checkpoints(run_id)
+    assert "who are you?" in saved and saved.count('data-state="done"') == 2
+    assert f'data-label="{ckpt.checkpoint_id} · step {ckpt.step} (latest)"' in saved
+    assert 'data-label="base model"' in saved
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in chat_cell.outputs)
     # A saved notebook stays small, and its HTML export shows the picture without a kernel.
     assert len(json.dumps(nb)) < 1_000_000
     from nbconvert import HTMLExporter

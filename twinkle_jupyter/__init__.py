@@ -7,8 +7,9 @@ In a notebook::
     ...                             # train a twinkle_client model: a live loss plot appears
     %twinkle runs                   # browse runs: plot, checkpoints, compare
     %twinkle resume RUN latest      # continue a run from its newest checkpoint
+    %twinkle chat RUN latest --compare base   # ask its newest checkpoint and the base model
 
-or without the extension: ``from twinkle_jupyter import LossPlot, RunBrowser, CheckpointBrowser``;
+or without the extension: ``from twinkle_jupyter import LossPlot, RunBrowser, CheckpointBrowser, ChatWidget``;
 resume logic: ``twinkle_jupyter.resume.resume(run_id, checkpoint, namespace=globals())``.
 
 This module stays light: widgets, matplotlib and twinkle_client are imported on first use, so
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "ChatWidget",
     "CheckpointBrowser",
     "LossPlot",
     "ResumeResult",
@@ -34,6 +36,7 @@ _LAZY = {
     "LossPlot": "plot",
     "RunBrowser": "browsers",
     "CheckpointBrowser": "browsers",
+    "ChatWidget": "chat",
     "TwinkleMagics": "magics",
     "ResumeResult": "resume",
     "TrainingInterrupted": "session",
@@ -41,6 +44,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .browsers import CheckpointBrowser, RunBrowser
+    from .chat import ChatWidget
     from .magics import TwinkleMagics
     from .plot import LossPlot
     from .resume import ResumeResult

@@ -4,7 +4,7 @@ Each browser is a small ipywidgets form: a read-only HTML table (it also goes in
 output bundle as ``text/html``, so a saved notebook or an HTML export shows it without a
 kernel), a selector, action buttons and a one-line status. Every action is also a method
 (``plot``, ``compare``, ``show_checkpoints``, ``set_filter``, ``resume``, ``copy_path``,
-``delete``) so a cell or a test can do what a click does. A twinkle error is shown in the status line as
+``delete``, ``try_checkpoint``) so a cell or a test can do what a click does. A twinkle error is shown in the status line as
 ``str(err)``, never raised out of a click.
 """
 
@@ -67,6 +67,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
         "<tr>" + "".join(f'<td style="{_TD}">{html.escape(c)}</td>' for c in row) + "</tr>" for row in rows
     )
     return f'<table style="{_TABLE_STYLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _row_table(cells: list[str], widths: list[int], *, head: bool = False) -> str:
+    """One row as a table of fixed column widths (in ``ch``), so that rows drawn as separate
+    widgets, each beside its own button, line up as one table."""
+    tag, style = ("th", _TH) if head else ("td", _TD)
+    cols = "".join(f'<col style="width:{w}ch">' for w in widths)
+    body = "".join(
+        f'<{tag} style="{style};overflow:hidden;text-overflow:ellipsis;white-space:nowrap" '
+        f'title="{html.escape(c, quote=True)}">{html.escape(c)}</{tag}>'
+        for c in cells
+    )
+    return (f'<table style="{_TABLE_STYLE};table-layout:fixed;width:{sum(widths)}ch">'
+            f"<colgroup>{cols}</colgroup><tr>{body}</tr></table>")
 
 
 def _text_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -356,10 +370,13 @@ class RunBrowser(_Browser):
 
 
 class CheckpointBrowser(_Browser):
-    """A run's checkpoints with Resume, Copy path and Delete (which asks first).
+    """A run's checkpoints with Resume, Copy path and Delete (which asks first), and a Try
+    button on each row.
 
     Resume calls :func:`twinkle_jupyter.resume.resume` with the notebook's namespace and shows
-    the equivalent ``%twinkle resume RUN CKPT`` line.
+    the equivalent ``%twinkle resume RUN CKPT`` line. Try opens a
+    :class:`~twinkle_jupyter.chat.ChatWidget` with that checkpoint below the browser; shown
+    with :meth:`show`, the browser keeps that chat's transcript as HTML in its cell's output.
     """
 
     HEADERS = ["checkpoint", "step", "saved", "size", "loss at save", "optimizer", "path", "tinker path"]
@@ -371,6 +388,16 @@ class CheckpointBrowser(_Browser):
         self.run_id = run_id
         self.checkpoints: list[Any] = []
         self.last_result: Any = None
+        self.last_chat: Any = None
+        """The chat the last Try opened."""
+        self.static_handle: Any = None
+        """The display handle of the output that keeps a Try chat's transcript (see :meth:`show`)."""
+        self.try_buttons: dict[str, widgets.Button] = {}
+        """Each checkpoint's Try button, by checkpoint id."""
+        # The rows: a Try button beside each, so the table is a grid of button + one-row table.
+        self.rows = widgets.GridBox(layout=widgets.Layout(grid_template_columns="auto auto", align_items="center",
+                                                          justify_content="flex-start", grid_gap="0px 4px",
+                                                          overflow="auto"))  # a wide table scrolls
         self._headers = list(self.HEADERS)
         self.selector = widgets.Select(options=[], rows=5, description="checkpoint",
                                        layout=widgets.Layout(width="420px"), style={"description_width": "72px"})
@@ -395,7 +422,7 @@ class CheckpointBrowser(_Browser):
         self._pending_delete: str | None = None
         self.children = [
             widgets.HBox([self.title, self.refresh_button]),
-            self.table,
+            self.rows,
             widgets.HBox([self.selector, widgets.VBox([self.resume_button, self.copy_html, self.delete_button])]),
             self.confirm_box,
             self.status,
@@ -418,6 +445,7 @@ class CheckpointBrowser(_Browser):
             for c in self.checkpoints
         ]
         self.table.value = _table(self._headers, self._rows) if self._rows else "<i>no checkpoints yet</i>"
+        self._build_rows()
         current = self.selector.value
         self.selector.options = [(f"{c.checkpoint_id} · step {c.step}", c.checkpoint_id) for c in self.checkpoints]
         ids = self.checkpoint_ids
@@ -426,6 +454,28 @@ class CheckpointBrowser(_Browser):
         for button in (self.resume_button, self.delete_button):
             button.disabled = not ids
         self._say(f"{len(ids)} checkpoint{'s' if len(ids) != 1 else ''}")
+
+    def _build_rows(self) -> None:
+        """The rows as widgets: a Try button, then the row's cells."""
+        old = list(self.rows.children)
+        if not self._rows:
+            self.try_buttons = {}
+            self.rows.children = [widgets.HTML("<i>no checkpoints yet</i>")]
+        else:
+            widths = [max(len(h), *(len(r[i]) for r in self._rows)) + 3 for i, h in enumerate(self._headers)]
+            children: list[widgets.Widget] = [widgets.HTML(""), widgets.HTML(_row_table(self._headers, widths,
+                                                                                          head=True))]
+            self.try_buttons = {}
+            for ckpt, row in zip(self.checkpoints, self._rows, strict=True):
+                button = widgets.Button(description="Try", icon="comments", tooltip=f"chat with {ckpt.checkpoint_id}",
+                                        layout=widgets.Layout(width="64px", height="26px"))
+                button.add_class("twinkle-try")
+                button.on_click(lambda _b, cid=ckpt.checkpoint_id: self._guard(self.try_checkpoint, cid))
+                self.try_buttons[ckpt.checkpoint_id] = button
+                children += [button, widgets.HTML(_row_table(row, widths))]
+            self.rows.children = children
+        for widget in old:  # each refresh makes new ones: free the old models
+            widget.close()
 
     @property
     def checkpoint_ids(self) -> list[str]:
@@ -478,6 +528,31 @@ class CheckpointBrowser(_Browser):
         self.magic_line.value = result.magic
         self.magic_line.layout.display = ""
         return result
+
+    def try_checkpoint(self, checkpoint_id: str | None = None, *, compare: Any = None) -> Any:
+        """Open a chat with the checkpoint (the selected one by default) below the browser,
+        replacing what was there; ``compare`` is a second source (``'base'``, ``'latest'``, a
+        checkpoint id). Returns the :class:`~twinkle_jupyter.chat.ChatWidget`."""
+        from .chat import ChatWidget
+
+        ckpt = self._chosen(checkpoint_id)
+        chat = ChatWidget(self.run_id, ckpt.twinkle_path, compare=compare, client=self._client)
+        self._show(chat)  # stops the chat shown before: it no longer writes the saved copy
+        if self.static_handle is not None:
+            chat.attach(self.static_handle)
+        self.last_chat = chat
+        self._say(f"chat with {ckpt.checkpoint_id}")
+        return chat
+
+    def show(self) -> Any:
+        """Display the browser and, below it, an output that keeps the transcript of a chat
+        opened with Try as HTML (what a saved notebook shows without the kernel); returns
+        that output's handle."""
+        from IPython.display import display
+
+        display(self)
+        self.static_handle = display({"text/html": "", "text/plain": ""}, raw=True, display_id=True)
+        return self.static_handle
 
     def copy_path(self, checkpoint_id: str | None = None) -> str:
         """The checkpoint's ``twinkle://`` path (the button copies it to the clipboard)."""

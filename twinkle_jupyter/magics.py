@@ -1,5 +1,5 @@
-"""``%twinkle``: connect, status, runs (name, tag, show, compare), checkpoints, plot and resume
-from a notebook.
+"""``%twinkle``: connect, status, runs (name, tag, show, compare), checkpoints, plot, resume and
+chat from a notebook.
 
 Settings are ``%config TwinkleMagics.<name> = value`` (or ``c.TwinkleMagics.<name>`` in
 ``ipython_config.py``). A twinkle error (server down, wrong key, a run that is not yours, a
@@ -124,6 +124,18 @@ def _parser() -> _Parser:
     p.add_argument("checkpoint", nargs="?", default="latest", metavar="CKPT",
                    help="a checkpoint id, path or 'latest' (default)")
     p.add_argument("--model", default=None, help="the variable holding the model to resume into")
+    p = command("chat", "a chat widget: ask a checkpoint, the newest one or the base model; two side by side",
+                "_chat")
+    p.add_argument("run", nargs="?", default=None, metavar="RUN", help="the training run (default: the newest)")
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="CKPT|latest|base",
+                   help="what answers: a checkpoint id or twinkle:// path, 'latest' (default) or 'base'")
+    p.add_argument("--compare", default=None, metavar="CKPT|latest|base",
+                   help="a second source answering the same prompt beside the first")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="ask this at once and wait for the answers (so Run All saves them with the notebook)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="tokens per answer at most (64)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T", help="0 (default): greedy")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="makes temperature sampling repeatable")
     return parser
 
 
@@ -282,7 +294,7 @@ class TwinkleMagics(Magics):
         client.get_training_run(args.run)  # a run that is not yours fails here, in one line
         from .browsers import CheckpointBrowser
 
-        display(CheckpointBrowser(args.run, namespace=self.shell.user_ns))
+        CheckpointBrowser(args.run, namespace=self.shell.user_ns).show()
 
     def _plot(self, args: argparse.Namespace) -> None:
         client = current_client()
@@ -309,6 +321,49 @@ class TwinkleMagics(Magics):
 
         result = resume(args.run, args.checkpoint, namespace=self.shell.user_ns, model=args.model)
         display(result)
+
+    def _chat(self, args: argparse.Namespace) -> None:
+        from twinkle.protocol.names import is_run_id, split_twinkle_path
+
+        if args.prompt is not None and not args.prompt.strip():
+            raise UsageError("%twinkle chat: --prompt is empty")
+
+        run, source = args.run, args.checkpoint
+        if run is not None and source is None and not is_run_id(run):
+            run, source = None, run  # `%twinkle chat base`, `%twinkle chat twinkle://...`
+        source = source or "latest"
+        client = current_client()
+        client.require_reachable()
+        if run is None:
+            parts = split_twinkle_path(source)
+            if parts is not None:
+                run = parts[0]
+            elif source != "base" or args.compare not in (None, "base"):
+                newest = client.list_training_runs(limit=1)
+                if not newest:
+                    print("twinkle: you have no training runs yet (`%twinkle chat base` asks the base model)",
+                          file=sys.stderr)
+                    return
+                run = newest[0].training_run_id
+        if run is not None:
+            client.get_training_run(run)  # a run that is not yours fails here, in one line
+        params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                    ("seed", args.seed)) if v is not None}
+        from .chat import ChatWidget
+
+        try:
+            chat = ChatWidget(run, source, compare=args.compare, sampling_params=params)
+        except ValueError as exc:
+            from .connection import is_twinkle_error
+
+            if is_twinkle_error(exc):
+                raise
+            raise UsageError(f"%twinkle chat: {exc}") from None  # a source or setting that cannot be
+        chat.show()
+        if args.prompt:
+            chat.prompt_box.value = args.prompt
+            chat.send()
+            chat.wait()
 
     def _session(self) -> Any:
         from .session import TwinkleSession, get_session
