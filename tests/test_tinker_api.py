@@ -256,3 +256,35 @@ def test_adam_settings_after_the_first_step(api: SimpleNamespace) -> None:
     points = api.srv.ctx.store.metric_points(run_id, 0)
     assert [p.lr for p in points if p.completed][:2] == pytest.approx([0.01, 0.002])
     assert np.isfinite([p.loss for p in points]).all()
+
+
+def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace) -> None:
+    from twinkle_server.tinker.service import EPHEMERAL_KEPT
+
+    model = _model(api)
+    session = model.split(":")[0]
+    samplers = []
+    for n in range(EPHEMERAL_KEPT + 2):
+        r = api.post("/api/v1/save_weights_for_sampler", {"model_id": model, "seq_id": n + 1,
+                                                          "sampling_session_seq_id": n})
+        samplers.append(_result(api, r.json()["request_id"])["sampling_session_id"])
+    user = api.srv.ctx.store.user_by_name("contract")
+    run_id = api.service.model(user, model).run_id
+    names = [c.name for c in api.srv.ctx.store.list_checkpoints(user.id, run_id)]
+    assert names == [f"sampler.session-0-{n}" for n in range(2, EPHEMERAL_KEPT + 2)]
+    assert "no sampling session" in _error(api.http.get(f"/api/v1/samplers/{samplers[0]}",
+                                                        headers={"X-API-Key": f"tml-{api.srv.api_key}"}), 404)
+    info = api.http.get(f"/api/v1/samplers/{samplers[-1]}", headers={"X-API-Key": f"tml-{api.srv.api_key}"}).json()
+    assert info["model_path"] == f"tinker://{run_id}/sampler_weights/session-0-{EPHEMERAL_KEPT + 1}"
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": ROW}]}
+    sample = {"sampling_session_id": samplers[-1], "seq_id": 1, "num_samples": 1, "prompt": prompt,
+              "sampling_params": {"max_tokens": 4, "temperature": 0.0}}
+    ok = api.post("/api/v1/asample", sample).json()
+    assert len(ok["sample_sequence_ids"]) == 1 and api.post("/api/v1/asample", sample).json() == ok
+    assert "max_tokens" in _error(api.post("/api/v1/asample", {**sample, "seq_id": 2, "sampling_params": {
+        "max_tokens": 10**9}}), 400)
+    assert "num_samples" in _error(api.post("/api/v1/asample", {**sample, "seq_id": 3, "num_samples": 0}), 400)
+    assert "prompt_logprobs is not supported" in _error(api.post("/api/v1/asample", {
+        **sample, "seq_id": 4, "prompt_logprobs": True}), 400)
+    assert "no sampling session" in _error(api.post("/api/v1/asample", {**sample, "seq_id": 5}, key=api.other), 404)
+    assert api.post("/api/v1/session_heartbeat", {"session_id": session}).status_code == 200

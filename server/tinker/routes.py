@@ -131,7 +131,7 @@ async def create_session(request: Request, user: TinkerUser) -> dict[str, Any]:
 
 @router.post("/session_heartbeat")
 async def heartbeat(request: Request, user: TinkerUser) -> Response:
-    session = service(request).session(user, (await body(request)).get("session_id"))
+    session = service(request).heartbeat(user, (await body(request)).get("session_id"))
     if session.finished:
         return JSONResponse({"error": {"code": "gone", "message": "the session has finished"}}, status_code=410)
     return JSONResponse({"type": "session_heartbeat"})

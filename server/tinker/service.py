@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from pydantic import ValidationError
+
 from twinkle.errors import InvalidArgumentError, NotFoundError, StateError, TwinkleError, status_for
 from twinkle.protocol.limits import MAX_SAMPLE_SEQUENCES, ORDER_WAIT_S
 from twinkle.protocol.names import (
@@ -34,6 +36,7 @@ from twinkle.protocol.names import (
     tinker_path,
     twinkle_path,
 )
+from twinkle.protocol.sampling import SamplingParams
 
 from ..context import ServerContext
 from ..kinds import check_call_size, check_model_kwargs
@@ -58,6 +61,9 @@ SEEN_KEPT = 4096
 FUTURES_PER_USER = 4096
 SESSIONS_PER_USER = 256
 SAMPLERS_PER_USER = 1024
+EPHEMERAL_KEPT = 4
+"""Sampler weights a model keeps from ``save_weights_and_get_sampling_client`` (older ones are
+deleted, with their sampling sessions)."""
 
 
 @dataclass
@@ -124,6 +130,8 @@ class TinkerModel:
     runner: asyncio.Task[None] | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = False
+    ephemeral: list[tuple[str, str]] = field(default_factory=list)
+    """(checkpoint name, sampler id) of the sampler weights saved without a name, oldest first."""
 
     @property
     def handle(self) -> ModelHandle:
@@ -224,6 +232,16 @@ class TinkerService:
         if found is None or found.user_id != user.id:
             raise NotFoundError(f"no session {str(session_id)[:100]!r}")
         return found
+
+    def heartbeat(self, user: User, session_id: Any) -> Session:
+        """A live session: its training models count as used (they do not expire while it lives)."""
+        session = self.session(user, session_id)
+        for model in [m for m in self._models.values() if m.session_id == session.session_id]:
+            try:
+                self.ctx.objects.release(self.ctx.objects.acquire(user.id, model.obj.object_id))
+            except NotFoundError:
+                self._models.pop(model.model_id, None)
+        return session
 
     async def finish(self, user: User, session_id: Any) -> None:
         """End a session: its training models are closed (their runs stay, detached)."""
@@ -621,6 +639,9 @@ class TinkerService:
                     if session is None:
                         raise NotFoundError(f"session {model.session_id} is gone")
                     sampler_id = self._new_sampler(model.user, session, ephemeral, twinkle_path(run_id, name))
+                    model.ephemeral.append((name, sampler_id))
+                    while len(model.ephemeral) > EPHEMERAL_KEPT:
+                        await self._drop_ephemeral(model, *model.ephemeral.pop(0))
                     return Outcome(json={"type": "save_weights_for_sampler", "sampling_session_id": sampler_id})
 
                 return run
@@ -628,6 +649,14 @@ class TinkerService:
             return make
 
         return self.submit(user, body.get("model_id"), body.get("seq_id"), digest(("sampler", body)), prepare)
+
+    async def _drop_ephemeral(self, model: TinkerModel, name: str, sampler_id: str) -> None:
+        self._samplers.pop(sampler_id, None)
+        ctx, user, run_id = self.ctx, model.user, model.run_id
+        try:
+            await ctx.run("model", user.id, lambda: ctx.book.delete_checkpoint(user.id, run_id, name))
+        except Exception:  # it stays on disk, listed; nothing else depends on its going
+            log.exception("user %s: could not delete sampler weights %s of run %s", user.name, name, run_id)
 
     # ----------------------------------------------------------------- sampling
 
@@ -679,6 +708,12 @@ class TinkerService:
         num = convert.integer(body.get("num_samples", 1), "num_samples", low=1, high=MAX_SAMPLE_SEQUENCES)
         tokens = convert.prompt_tokens(body.get("prompt"), self.ctx.model.vocab_size)
         params = convert.sampling_params(body.get("sampling_params"))
+        try:
+            SamplingParams(**params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "sampling_params"
+            raise InvalidArgumentError(f"sampling_params.{where}: {err['msg']}") from None
         seq = body.get("seq_id")
         fingerprint = digest(("sample", body))
         if seq is not None:
