@@ -172,6 +172,23 @@ def test_importance_sampling_is_its_formula(run: SimpleNamespace) -> None:
         assert np.allclose(before["logprobs"].to_numpy(), after["logprobs"].to_numpy(), atol=1e-5)
 
 
+def test_a_client_side_custom_loss(run: SimpleNamespace) -> None:
+    """``forward_backward_custom``: the SDK computes the loss itself and sends its gradient as
+    (signed) cross-entropy weights; here the custom loss is cross entropy, so the two agree."""
+    import torch
+
+    data = [_datum(r) for r in run.rows[:4]]
+
+    def loss_fn(data: list[Any], logprobs: list[Any]) -> tuple[Any, dict[str, float]]:
+        loss = sum(-(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum() for d, lp in zip(data, logprobs, strict=True))
+        return loss, {}
+
+    plain = run.resumed.forward(data, "cross_entropy").result()
+    custom = run.resumed.forward_backward_custom(data, loss_fn).result()
+    assert custom.metrics["loss:sum"] == pytest.approx(plain.metrics["loss:sum"], rel=1e-5)
+    assert custom.metrics["surrogate_loss:sum"] == pytest.approx(plain.metrics["loss:sum"], rel=1e-5)
+
+
 def test_sampling_from_saved_weights(run: SimpleNamespace) -> None:
     from twinkle.template import Template
 
