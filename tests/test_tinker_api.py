@@ -210,8 +210,12 @@ def test_bad_input_is_one_clear_user_error(api: SimpleNamespace) -> None:
     session = api.post("/api/v1/create_session", {}).json()["session_id"]
     bad = {"session_id": session, "model_seq_id": 0, "base_model": "builtin://tiny-qwen2"}
     assert "rank" in _error(api.post("/api/v1/create_model", {**bad, "lora_config": {"rank": 1000}}), 400)
-    assert "serves" in _error(api.post("/api/v1/create_model", {**bad, "base_model": "Qwen/Qwen3-8B",
+    assert "serves" in _error(api.post("/api/v1/create_model", {**bad, "model_seq_id": 1, "base_model": "Qwen/Qwen3-8B",
                                                                 "lora_config": {"rank": 4}}), 400)
+    assert "already used for another model" in _error(api.post("/api/v1/create_model", {
+        **bad, "lora_config": {"rank": 4}}), 400)
+    refused = api.post("/api/v1/create_model", {**bad, "lora_config": {"rank": 1000}})
+    assert refused.status_code == 200 and "rank" in _result(api, refused.json()["request_id"])["error"]
     assert "only Adam" in _error(api.post("/api/v1/optim_step", {"model_id": model, "seq_id": next(seq),
                                                                  "optimizer_params": {"type": "dimuon"}}), 400)
     assert "beta1" in _error(api.post("/api/v1/optim_step", {"model_id": model, "seq_id": next(seq),
@@ -258,7 +262,8 @@ def test_adam_settings_after_the_first_step(api: SimpleNamespace) -> None:
     assert np.isfinite([p.loss for p in points]).all()
 
 
-def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace) -> None:
+def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinkle_server.tinker import service
     from twinkle_server.tinker.service import EPHEMERAL_KEPT
 
     model = _model(api)
@@ -287,4 +292,6 @@ def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace) -> None:
     assert "prompt_logprobs is not supported" in _error(api.post("/api/v1/asample", {
         **sample, "seq_id": 4, "prompt_logprobs": True}), 400)
     assert "no sampling session" in _error(api.post("/api/v1/asample", {**sample, "seq_id": 5}, key=api.other), 404)
+    monkeypatch.setattr(service, "SAMPLES_IN_FLIGHT", 0)  # the SDK backs off from a 429 and sends again
+    assert api.post("/api/v1/asample", {**sample, "seq_id": 6}).status_code == 429
     assert api.post("/api/v1/session_heartbeat", {"session_id": session}).status_code == 200

@@ -29,7 +29,7 @@ from ..auth import authenticate
 from ..store import CheckpointRecord, RunRecord, User
 from ..wire import _decode_pool, _read_capped, read_body
 from . import convert, schema
-from .service import TinkerService
+from .service import Busy, TinkerService
 
 KEY_PREFIX = "tml-"
 PROTOBUF = "application/x-protobuf"
@@ -243,9 +243,12 @@ async def get_sampler(sampler_id: str, request: Request, user: TinkerUser) -> di
 
 
 @router.post("/asample")
-async def asample(request: Request, user: TinkerUser) -> dict[str, Any]:
-    request_id, ids = service(request).sample(user, await body(request, MAX_BODY_BYTES))
-    return future(request_id, sample_sequence_ids=ids)
+async def asample(request: Request, user: TinkerUser) -> Response:
+    try:
+        request_id, ids = service(request).sample(user, await body(request, MAX_BODY_BYTES))
+    except Busy as exc:
+        return JSONResponse({"error": {"code": "busy", "message": str(exc)}}, status_code=429)
+    return JSONResponse(future(request_id, sample_sequence_ids=ids))
 
 
 # ------------------------------------------------------------------ runs and checkpoints

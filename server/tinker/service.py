@@ -61,6 +61,8 @@ SEEN_KEPT = 4096
 FUTURES_PER_USER = 4096
 SESSIONS_PER_USER = 256
 SAMPLERS_PER_USER = 1024
+SAMPLES_IN_FLIGHT = 64
+"""Sampling requests of one user queued or running; more are answered 429 (the SDK backs off)."""
 EPHEMERAL_KEPT = 4
 """Sampler weights a model keeps from ``save_weights_and_get_sampling_client`` (older ones are
 deleted, with their sampling sessions)."""
@@ -102,8 +104,8 @@ class Session:
     user_id: int
     created: float = field(default_factory=time.time)
     finished: bool = False
-    creations: dict[int, str] = field(default_factory=dict)
-    """model_seq_id -> request id of the model's creation (a repeat gets the same)."""
+    creations: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """model_seq_id -> (fingerprint, request id) of the model's creation (a repeat gets the same)."""
     samplers: dict[int, str] = field(default_factory=dict)
     """sampling_session_seq_id -> sampler id."""
 
@@ -154,6 +156,10 @@ class SamplerSession:
     seen: OrderedDict[int, tuple[str, str, list[str]]] = field(default_factory=OrderedDict)
 
 
+class Busy(Exception):
+    """Too many requests of one kind at once: answered 429, which the SDK's sampling backs off from."""
+
+
 def digest(data: Any) -> str:
     return hashlib.sha256(repr(data).encode()).hexdigest()
 
@@ -169,6 +175,8 @@ class TinkerService:
         self._samplers: dict[str, SamplerSession] = {}
         self._sampler_handles: dict[int, SamplerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sampling: dict[int, int] = {}
+        """Per user, sampling requests not finished yet."""
 
     # ------------------------------------------------------------------ futures
 
@@ -297,11 +305,32 @@ class TinkerService:
         self._models[model_id] = model
         return model
 
-    async def create_model(self, user: User, body: dict[str, Any]) -> str:
+    async def _creation(self, user: User, body: dict[str, Any],
+                        prepare: Callable[[Session, int], Awaitable[Runner]]) -> str:
+        """A model's creation, once per ``(session, model_seq_id)``: a repeat gets the first
+        request's id, also while that one is still being checked (and its refusal if it was)."""
         session = self.session(user, body.get("session_id"))
         model_seq = convert.integer(body.get("model_seq_id"), "model_seq_id", high=2**31)
+        fingerprint = digest(("create", body))
         if model_seq in session.creations:
-            return session.creations[model_seq]
+            first, request_id = session.creations[model_seq]
+            if first != fingerprint:
+                raise InvalidArgumentError(f"model_seq_id {model_seq} of session {session.session_id} was already "
+                                           "used for another model")
+            return request_id
+        request_id = self.new_future(user)
+        session.creations[model_seq] = (fingerprint, request_id)
+        try:
+            work = await prepare(session, model_seq)
+        except Exception as exc:
+            self._fail(user, request_id, exc)
+            raise
+        return self.start(user, work, request_id)
+
+    async def create_model(self, user: User, body: dict[str, Any]) -> str:
+        return await self._creation(user, body, partial(self._prepare_create, user, body))
+
+    async def _prepare_create(self, user: User, body: dict[str, Any], session: Session, model_seq: int) -> Runner:
         await self._check_base(body.get("base_model"))
         lora, seed = convert.lora_config(body.get("lora_config"), self.ctx.model.max_r)
         optimizer = body.get("optimizer_config") or {"type": "adamw"}
@@ -322,16 +351,14 @@ class TinkerService:
             log.info("user %s: Tinker model %s trains run %s", user.name, model.model_id, model.run_id)
             return Outcome(json={"type": "create_model", "model_id": model.model_id})
 
-        session.creations[model_seq] = request_id = self.start(user, work)
-        return request_id
+        return work
 
     async def load_as_new_model(self, user: User, body: dict[str, Any]) -> str:
         """``load_weights`` that creates the model: a new run from a checkpoint's weights (and,
         with ``optimizer``, its optimizer state and counters)."""
-        session = self.session(user, body.get("session_id"))
-        model_seq = convert.integer(body.get("model_seq_id"), "model_seq_id", high=2**31)
-        if model_seq in session.creations:
-            return session.creations[model_seq]
+        return await self._creation(user, body, partial(self._prepare_load, user, body))
+
+    async def _prepare_load(self, user: User, body: dict[str, Any], session: Session, model_seq: int) -> Runner:
         await self._check_base(body.get("base_model"))
         optimizer = convert.flag(body.get("optimizer"), "optimizer")
         path = convert.checkpoint_path(body.get("path"))
@@ -355,8 +382,7 @@ class TinkerService:
             return Outcome(json={"type": "load_weights", "model_id": model.model_id,
                                  "path": tinker_path(*_parts(path))})
 
-        session.creations[model_seq] = request_id = self.start(user, work)
-        return request_id
+        return work
 
     def info(self, user: User, model_id: Any) -> dict[str, Any]:
         model = self.model(user, model_id)
@@ -721,14 +747,20 @@ class TinkerService:
             seen = sampler.seen.get(seq)
             if seen is not None and seen[0] == fingerprint:
                 return seen[1], seen[2]
+        if self._sampling.get(user.id, 0) >= SAMPLES_IN_FLIGHT:
+            raise Busy(f"you have {SAMPLES_IN_FLIGHT} sampling requests waiting or running; try again shortly")
         handle = self._sampler_handle(user)
         checkpoint = sampler.checkpoint
 
         async def work() -> Outcome:
-            kwargs = {"sampling_params": params, "adapter_uri": checkpoint, "num_samples": num}
-            value, _ = await self.ctx.run("sampler", user.id, lambda: handle.call("sample", [tokens], kwargs))
+            try:
+                kwargs = {"sampling_params": params, "adapter_uri": checkpoint, "num_samples": num}
+                value, _ = await self.ctx.run("sampler", user.id, lambda: handle.call("sample", [tokens], kwargs))
+            finally:
+                self._sampling[user.id] -= 1
             return Outcome(json=convert.sample_json(value), proto=convert.sample_response(value))
 
+        self._sampling[user.id] = self._sampling.get(user.id, 0) + 1  # until work() ends
         request_id = self.start(user, work)
         ids = [f"{request_id}:{i}" for i in range(num)]
         if seq is not None:
