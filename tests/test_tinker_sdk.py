@@ -223,6 +223,7 @@ def test_the_run_is_a_twinkle_run(run: SimpleNamespace) -> None:
     assert run.saved.path in tinker_paths
 
     client = init_twinkle_client(base_url=run.server.url, api_key=run.alice)
+    assert run.run_id in {r.training_run_id for r in client.list_training_runs(limit=100)}  # %twinkle runs
     record = client.get_training_run(run.run_id)
     assert record.adapter_name == "tinker" and record.cur_step >= STEPS
     checkpoints = {c.checkpoint_id: c for c in client.list_checkpoints(run.run_id)}
