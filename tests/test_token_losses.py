@@ -56,7 +56,7 @@ def test_weighted_cross_entropy_is_the_summed_cross_entropy_bit_for_bit(tmp_path
             model.step(adapter_name=name)
             model.zero_grad(adapter_name=name)
         assert outs["native"].loss == outs["weighted"].loss
-        assert outs["native"].num_tokens == outs["weighted"].num_tokens == sum(len(r) - p for r, p in zip(ROWS, PROMPT))
+        assert outs["native"].num_tokens == outs["weighted"].num_tokens == sum(len(r) - p for r, p in zip(ROWS, PROMPT, strict=True))
         assert outs["sum"].loss == pytest.approx(outs["native"].loss, rel=1e-6)
         assert outs["sum"].logprobs is None
         assert [len(lp) for lp in outs["weighted"].logprobs] == [len(r) - 1 for r in ROWS]
