@@ -165,6 +165,9 @@ def digest(data: Any) -> str:
 
 
 class TinkerService:
+    """Everything the Tinker routes keep, on the server's event loop (no locks needed): sessions,
+    training models and their ordered calls, sampling sessions, and each user's futures."""
+
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.long_poll_s = LONG_POLL_S
