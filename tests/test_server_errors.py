@@ -168,7 +168,7 @@ def test_malformed_requests(user) -> None:
     assert err["message"] == "calls.0.seq: Input should be greater than or equal to 1"
     err = http_error(c.post(f"/objects/{model}/calls", {"calls": []}), 422)
     assert err["message"].startswith("calls:")
-    err = http_error(c.post("/objects", {"kind": "sampler"}), 422)
+    err = http_error(c.post("/objects", {"kind": "processor"}), 422)
     assert err["message"].startswith("kind:")
     err = http_error(c.post("/objects", [1, 2]), 422)
     err = http_error(c.http.post(f"/objects/{model}/calls", json={"calls": [{"seq": 1, "method": "x", "extra": 1}]}),
