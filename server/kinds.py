@@ -171,17 +171,24 @@ def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, A
     decoded for a call that is refused; forms it does not recognise count as nothing (the
     model's input processor refuses them). Returns the padded token count (0 when none).
     """
-    if kind != "model":
+    if kind not in DEVICE_KINDS:
         return 0
     try:
-        a = MODEL.method(method).signature.bind(None, *args, **kwargs).arguments
+        a = API_BY_KIND[kind].method(method).signature.bind(None, *args, **kwargs).arguments
     except (InvalidArgumentError, TypeError):
         return 0  # reported by the call itself
     if "inputs" not in a:
         return 0
+    most = settings.max_tokens_per_call
+    chars = _text_size(a["inputs"])
+    if chars > TEXT_CHARS_PER_TOKEN * most:
+        # Text is tokenized on the device thread: refuse what cannot fit before it gets there.
+        raise CapacityError(
+            f"{method}: the inputs hold {chars} characters of text, more than one call may carry "
+            f"({TEXT_CHARS_PER_TOKEN} x max_tokens_per_call={most}); send less text per call"
+        )
     rows, length = _token_shape(a["inputs"])
     tokens = rows * length
-    most = settings.max_tokens_per_call
     if tokens > most:
         raise CapacityError(
             f"{method}: the inputs hold {tokens} tokens ({rows} rows x {length}, padded), more than one "
@@ -195,6 +202,25 @@ def check_call_size(kind: str, method: str, args: list[Any], kwargs: dict[str, A
             "send fewer rows per call with return_logits=True"
         )
     return tokens
+
+
+TEXT_CHARS_PER_TOKEN = 8
+"""Characters of text a call may carry per token of ``max_tokens_per_call``: more than any
+tokenizer packs into one token, so text under the bound may still be refused once tokenized,
+and text over it never fits."""
+
+
+def _text_size(value: Any, depth: int = 0) -> int:
+    """Characters in all strings of ``value`` (conversations to sample from)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:
+        return 0
+    if isinstance(value, dict):
+        return sum(_text_size(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v, depth + 1) for v in value)
+    return 0
 
 
 def _shape(value: Any) -> list[int] | None:

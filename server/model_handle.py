@@ -173,7 +173,9 @@ class ModelHandle:
             elif kind is Arg.SERVER_CHOSEN:
                 if a[param] is not None:
                     raise InvalidArgumentError(f"{param} is chosen by the server; leave it out")
-            elif kind is Arg.CHECKPOINT and a[param] is not None:
+            elif kind is Arg.CHECKPOINT:
+                if a[param] is None and call.spec.signature.parameters[param].default is None:
+                    continue  # an optional checkpoint left out
                 row, folder = self.book.checkpoints.resolve(self.user.id, a[param])
                 call.checkpoint = row
                 a[param] = str(folder)
@@ -341,8 +343,10 @@ class ModelHandle:
     def _record_eval(self, call: _Call, value: Any) -> None:
         link = call.link
         assert link is not None
-        if value.loss is None:
-            return  # no labelled tokens (logits only): nothing was evaluated
+        if value.loss is None or value.reduction != "mean":
+            # No labelled tokens (logits only), or a token-summed objective (a policy-gradient
+            # loss, Tinker's cross_entropy): not a per-token eval loss to plot.
+            return
 
         def add() -> None:
             # The step whose weights were evaluated: the updates done so far (forward_only changes none).

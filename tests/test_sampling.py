@@ -64,14 +64,33 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy(tmp_path: Path) -> None:
         assert [s.tokens for s in hot[0].sequences] == [greedy] * 3
 
 
-def test_sequence_i_of_a_seeded_call_draws_from_seed_plus_i(tmp_path: Path) -> None:
+def test_seeded_calls_repeat_and_neighbouring_seeds_share_nothing(tmp_path: Path) -> None:
     model = _model(tmp_path)
     hot = {"max_tokens": 10, "temperature": 2.0}
-    two = model.sample(QUESTION, {**hot, "seed": 40}, num_samples=2)[0].sequences
-    assert two[1].tokens == model.sample(QUESTION, {**hot, "seed": 41})[0].sequences[0].tokens
-    assert two[0].tokens != two[1].tokens
+    two = [s.tokens for s in model.sample(QUESTION, {**hot, "seed": 40}, num_samples=2)[0].sequences]
+    assert two == [s.tokens for s in model.sample(QUESTION, {**hot, "seed": 40}, num_samples=2)[0].sequences]
+    assert two[0] != two[1]
+    # seed=step in a loop: the next call's sequences are not this call's shifted by one
+    nxt = [s.tokens for s in model.sample(QUESTION, {**hot, "seed": 41}, num_samples=2)[0].sequences]
+    assert not set(map(tuple, two)) & set(map(tuple, nxt))
     unseeded = [model.sample(QUESTION, hot)[0].sequences[0].tokens for _ in range(3)]
     assert len({tuple(t) for t in unseeded}) > 1  # without a seed, calls differ
+    # A temperature too small to divide by is refused in one line, as is no room for a prompt.
+    with pytest.raises(InvalidArgumentError, match="temperature must be 0"):
+        model.sample(QUESTION, {"temperature": 1e-30})
+    with pytest.raises(InvalidArgumentError, match="no room for a prompt"):
+        model.sample([5], {"max_tokens": 2048})
+
+
+def test_sampling_works_after_the_last_training_adapter_is_removed(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    path = model.save("c")
+    sampler = TorchSampler.over(model)
+    before = sampler.sample(QUESTION, {"max_tokens": 6, "temperature": 0}, adapter_uri=path)
+    base = sampler.sample(QUESTION, {"max_tokens": 6, "temperature": 0})
+    model.remove_adapter("a")
+    assert sampler.sample(QUESTION, {"max_tokens": 6, "temperature": 0}) == base
+    assert sampler.sample(QUESTION, {"max_tokens": 6, "temperature": 0}, adapter_uri=path) == before
 
 
 def test_inputs_forms_and_errors(tmp_path: Path) -> None:

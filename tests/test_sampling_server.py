@@ -196,6 +196,10 @@ def test_bad_sampling_input_is_one_clear_line(remote: Any) -> None:
         sampler.sample([QUESTION] * 64, {"max_tokens": 1000})
     with pytest.raises(errors.NotFoundError):
         sampler.sample(QUESTION, GREEDY, adapter_name="nothing")
+    with pytest.raises(errors.CapacityError, match="characters"):  # refused before it is tokenized
+        sampler.sample([{"role": "user", "content": "x" * 400_000}], GREEDY)
+    with pytest.raises(errors.InvalidArgumentError, match="temperature"):
+        sampler.sample(QUESTION, {"temperature": 1e-30})
     # The sampler still works afterwards.
     assert sampler.sample(QUESTION, GREEDY)[0].sequences[0].tokens
 

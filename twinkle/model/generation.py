@@ -115,14 +115,24 @@ def generate(
 
 
 def _generators(n: int, seed: int | None, device: torch.device) -> list[torch.Generator]:
-    """One generator per sequence: sequence ``i`` of a seeded call draws from ``seed + i``."""
+    """One generator per sequence, seeded from ``(seed, i)`` by a mixing hash: calls with
+    neighbouring seeds (``seed=step`` in a loop) share no sequence's stream."""
     base = seed if seed is not None else secrets.randbits(62)
     out = []
     for i in range(n):
         g = torch.Generator(device=device)
-        g.manual_seed((base + i) % 2**63)
+        g.manual_seed(_mix(base, i))
         out.append(g)
     return out
+
+
+def _mix(seed: int, index: int) -> int:
+    """splitmix64 of the pair: a well-spread 63-bit seed."""
+    mask = 2**64 - 1
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
 
 
 def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
@@ -131,8 +141,10 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch
         return logits.argmax(dim=-1)
     scores = logits / params.temperature
     if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        # Exactly k tokens (ties at the k-th score, common in bf16, do not widen the cut).
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, torch.topk(scores, params.top_k, dim=-1).indices,
+                                                                   True)
+        scores = scores.masked_fill(~keep, float("-inf"))
     if params.top_p < 1.0:
         ordered, order = torch.sort(scores, dim=-1, descending=True)
         probs = torch.softmax(ordered, dim=-1)
@@ -141,6 +153,10 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generators: list[torch
         ordered = ordered.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(1, order, ordered)
     probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("the model's next-token scores are not finite at this temperature; raise it")
     return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])
 
 

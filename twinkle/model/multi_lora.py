@@ -112,6 +112,11 @@ class MultiLoraTransformersModel(ModelAPI):
         return list(self._adapters)
 
     @property
+    def lock(self) -> threading.RLock:
+        """Taken by every call on the model (re-entrant): hold it to make several calls one."""
+        return self._lock
+
+    @property
     def dtype(self) -> torch.dtype:
         """The base model's dtype (bfloat16 on CUDA, float32 on CPU unless chosen)."""
         return self._base.dtype
@@ -241,9 +246,9 @@ class MultiLoraTransformersModel(ModelAPI):
         """
         if self._peft is None:
             return
-        if self._adapters and self._peft.active_adapter not in self._peft.peft_config:
+        if self._peft.peft_config and self._peft.active_adapter not in self._peft.peft_config:
             # peft keeps naming a removed adapter active, and its forward looks that name up.
-            self._peft.set_adapter(next(iter(self._adapters.values())).peft_name)
+            self._peft.set_adapter(next(iter(self._peft.peft_config)))
         for state in self._adapters.values():
             for param in state.params:
                 param.requires_grad_(True)
@@ -429,6 +434,7 @@ class MultiLoraTransformersModel(ModelAPI):
             return [
                 ForwardOutput(
                     loss=p.state.loss.report(v) if v.num_tokens else None,
+                    reduction="mean" if p.state.loss.normalize_by_tokens else "sum",
                     num_tokens=v.num_tokens,
                     logits=_unpack_logits(logits, rows, p.batch) if p.return_logits else None,
                     logprobs=lp,
@@ -571,11 +577,16 @@ class MultiLoraTransformersModel(ModelAPI):
         with self._lock:
             template = template or self._template()
             limit = int(getattr(self._base.config, "max_position_embeddings", 0) or template.max_length)
+            if params.max_tokens >= limit:
+                raise InvalidArgumentError(
+                    f"max_tokens={params.max_tokens} leaves no room for a prompt in the model's context of "
+                    f"{limit} tokens; ask for fewer"
+                )
             prompts = generation.prompts_of(
                 inputs,
                 lambda messages: template.encode(messages, add_generation_prompt=True)["input_ids"],
                 self.vocab_size,
-                max(1, min(template.max_length, limit - params.max_tokens)),
+                min(template.max_length, limit - params.max_tokens),
                 f" (the model's context of {limit} tokens less max_tokens={params.max_tokens})"
                 if limit - params.max_tokens < template.max_length else " (the template's max_length)",
             )
@@ -593,7 +604,9 @@ class MultiLoraTransformersModel(ModelAPI):
                     "use fewer prompts, num_samples or max_tokens"
                 )
             tokenizer = template.tokenizer
-            model = self._peft if self._peft is not None else self._base
+            # The base model itself (peft's LoRA layers are inside it): ``fused.only`` picks the
+            # adapter, so peft's notion of an "active" adapter plays no part.
+            model = self._base
             try:
                 with self._attention_for_generation(), fused.only(peft_name or ""), torch.no_grad():
                     return generation.generate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -51,6 +51,9 @@ class ForwardOutput(BaseModel):
 
     loss: float | None = None
     num_tokens: int = 0
+    reduction: Literal["mean", "sum"] = "mean"
+    """How ``loss`` is reduced over the batch's tokens: a per-token mean (the cross-entropy
+    default) or a sum (token-summed losses such as the policy-gradient ones)."""
     logits: Any = None
     logprobs: list[list[float]] | None = None
     """As ``ForwardBackwardOutput.logprobs``."""

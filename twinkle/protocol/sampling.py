@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .limits import MAX_SAMPLE_TOKENS, MAX_STOP_SEQUENCES
 
 StopReason = Literal["stop", "length"]
+MIN_TEMPERATURE = 1e-3
+"""The smallest temperature above 0 (below it, float32 logits overflow when divided)."""
 
 
 class SamplingParams(BaseModel):
@@ -17,7 +19,8 @@ class SamplingParams(BaseModel):
     ``temperature=0`` is greedy decoding (``top_p``, ``top_k`` and ``seed`` then do nothing).
     ``stop`` ends a sequence at any of these strings or token ids (the end-of-turn and
     end-of-text tokens always stop it). ``seed`` makes temperature sampling reproducible: the
-    same call with the same seed returns the same tokens. ``prompt_logprobs`` also returns
+    same call with the same seed returns the same tokens (each sequence of a call draws from
+    its own generator, seeded from ``seed`` and its index). ``prompt_logprobs`` also returns
     each prompt token's log-probability under the model.
     """
 
@@ -31,6 +34,13 @@ class SamplingParams(BaseModel):
     stop: list[str | int] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, lt=2**63)
     prompt_logprobs: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

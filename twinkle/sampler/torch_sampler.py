@@ -59,5 +59,6 @@ class TorchSampler(SamplerAPI):
                     f"no adapter named {str(adapter_name)[:100]!r} on this sampler (add it with add_adapter_to_sampler)"
                 )
             adapter_uri = self._named[adapter_name]
-        peft_name = None if adapter_uri is None else self._engine.checkpoint_adapter(adapter_uri)
-        return self._engine.generate(peft_name, self._template, inputs, sampling_params, num_samples)
+        with self._engine.lock:  # the loaded checkpoint stays loaded until it has been sampled
+            peft_name = None if adapter_uri is None else self._engine.checkpoint_adapter(adapter_uri)
+            return self._engine.generate(peft_name, self._template, inputs, sampling_params, num_samples)
