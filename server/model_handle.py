@@ -187,7 +187,9 @@ class ModelHandle:
                 a[param] = codec.from_wire({"__type__": "LoraConfig", "value": a[param]})
 
     def _invoke(self, call: _Call) -> Any:
-        return getattr(self.target, call.spec.name)(*call.bound.args[1:], **call.bound.kwargs)
+        # A stepwise method runs a step per turn of the device (the route drives the steps).
+        name = f"{call.spec.name}_stepwise" if call.spec.stepwise else call.spec.name
+        return getattr(self.target, name)(*call.bound.args[1:], **call.bound.kwargs)
 
     def _record(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Bookkeeping after a library call that ran (metric rows, run progress, component

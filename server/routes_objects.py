@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from twinkle.errors import ConflictError, InvalidArgumentError, NotFoundError, ServerError, TwinkleError
 from twinkle.hub import HubCredentials
 from twinkle.protocol import codec
-from twinkle.protocol.api import API_BY_KIND, MODEL, NEXT_BATCHES, START_EPOCH
+from twinkle.protocol.api import API_BY_KIND, MODEL, NEXT_BATCHES, START_EPOCH, Stepwise
 from twinkle.protocol.limits import MAX_CALLS_PER_BATCH, ORDER_WAIT_S
 from twinkle.protocol.wire import (
     Call,
@@ -369,7 +370,8 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
     def work() -> Any:
         args, kwargs = decode()
         if obj.kind in DEVICE_KINDS:
-            return encode(*obj.instance.call(method, args, kwargs, request_id=request_id))
+            value, run_id = obj.instance.call(method, args, kwargs, request_id=request_id)
+            return (value, run_id) if isinstance(value, Stepwise) else encode(value, run_id)
         return encode(call_data_object(obj.kind, obj.instance, method, args, kwargs, ctx.settings), None)
 
     def begin() -> Any:
@@ -390,9 +392,26 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
             value, run_id = await ctx.run_fusable(user.id, fusable, hub)
         else:
             value, run_id = await ctx.run(obj.kind, user.id, work, hub)
+            if isinstance(value, Stepwise):
+                value, run_id = await _run_steps(ctx, obj.kind, user.id, value, hub, partial(encode, run_id=run_id))
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
     return CallResult(seq=call.seq, ok=True, value=value, training_run_id=run_id)
+
+
+async def _run_steps(ctx: ServerContext, kind: str, user_id: int, stepper: Stepwise, hub: HubCredentials,
+                     encode: Callable[[Any], Any]) -> Any:
+    """A stepwise call, one step per turn of the device: the worker serves other users' calls
+    between two steps, so a long generation delays nobody by more than one step."""
+    done = False
+    try:
+        while not await ctx.run(kind, user_id, stepper.step, hub):
+            pass
+        done = True
+        return await ctx.run(kind, user_id, lambda: encode(stepper.result()), hub)
+    finally:
+        if not done:  # failed or cancelled half way: free what it holds, on the device's thread
+            ctx.submit(kind, user_id, stepper.close)
 
 
 @router.delete("/objects/{object_id}", response_model=ObjectInfo, responses=_ERRORS)

@@ -4,6 +4,7 @@ what they say (checked against greedy decoding, the same call again, and plain c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,3 +155,83 @@ def test_a_fresh_sampler_samples_the_bare_base_model() -> None:
     out = sampler.sample([QUESTION, [7, 8, 9]], {"max_tokens": 5, "temperature": 0, "prompt_logprobs": True})
     assert [len(r.sequences[0].tokens) for r in out] == [5, 5]
     assert out[1].prompt_logprobs[0] is None and len(out[1].prompt_logprobs) == 3
+
+
+def test_a_long_generation_gives_the_device_to_other_users_between_steps(tmp_path: Path, monkeypatch) -> None:
+    """Alice samples 64 tokens (4 steps); Bob's training call, queued during her first step,
+    runs right after it, not after her whole generation (in-process server, both users' calls
+    over HTTP)."""
+    import threading
+
+    import httpx
+    from support.inprocess import inprocess_server
+    from twinkle_server.auth import create_user
+
+    from twinkle.model import multi_lora
+    from twinkle.model.generation import DECODE_STEPS_PER_TURN
+    from twinkle.protocol import codec
+
+    events: list[str] = []
+    started = threading.Event()
+    original_step, original_train = multi_lora.Sampling.step, MultiLoraTransformersModel.forward_backward_many
+
+    with inprocess_server(tmp_path / "server") as srv:
+        worker = srv.ctx.worker
+
+        def step(self: multi_lora.Sampling) -> bool:
+            events.append("sample")
+            if len(events) == 1:
+                started.set()
+                # Hold the first step until Bob's call waits for the device.
+                deadline = threading.Event()
+                for _ in range(6000):
+                    if worker.pending():
+                        break
+                    deadline.wait(0.01)
+            return original_step(self)
+
+        def train(self: MultiLoraTransformersModel, calls: Any) -> Any:
+            events.append("train")
+            return original_train(self, calls)
+
+        monkeypatch.setattr(multi_lora.Sampling, "step", step)
+        monkeypatch.setattr(MultiLoraTransformersModel, "forward_backward_many", train)
+        _, bob_key = create_user(srv.ctx.store, "bob")
+
+        def client(key: str) -> httpx.Client:
+            return httpx.Client(base_url=srv.base_url + "/api/v1", transport=srv.transport, timeout=300,
+                                headers={"Authorization": f"Bearer {key}", "Content-Type": codec.CONTENT_TYPE})
+
+        def post(http: httpx.Client, path: str, data: Any) -> Any:
+            reply = http.post(path, content=codec.pack(codec.to_wire(data)))
+            assert reply.status_code == 200, reply.text
+            return codec.from_wire(codec.unpack(reply.content))
+
+        alice, bob = client(srv.api_key), client(bob_key)
+        sampler = post(alice, "/objects", {"kind": "sampler", "args": [], "kwargs": {}})["object_id"]
+        model = post(bob, "/objects", {"kind": "model", "args": [], "kwargs": {}})["object_id"]
+        config = {"r": 4, "target_modules": "all-linear"}
+        post(bob, f"/objects/{model}/calls", {"calls": [
+            {"seq": 1, "method": "add_adapter_to_model", "args": ["b", config], "kwargs": {}},
+            {"seq": 2, "method": "set_optimizer", "args": ["AdamW"], "kwargs": {"lr": 1e-3}},
+        ]})
+        answer: list[Any] = []
+        params = {"max_tokens": 4 * DECODE_STEPS_PER_TURN, "temperature": 1.0, "seed": 1}
+        sampling = threading.Thread(target=lambda: answer.append(post(alice, f"/objects/{sampler}/calls", {
+            "calls": [{"seq": 1, "method": "sample", "args": [[5, 6, 7], params], "kwargs": {}}]})))
+        sampling.start()
+        assert started.wait(120)
+        trained = post(bob, f"/objects/{model}/calls", {"calls": [
+            {"seq": 3, "method": "forward_backward", "args": [[{"input_ids": ROWS[0], "labels": ROWS[0]}]],
+             "kwargs": {}}]})
+        sampling.join(300)
+        alice.close()
+        bob.close()
+        order = list(events)
+        alone = TorchSampler.over(srv.ctx.model).sample([5, 6, 7], params)
+    assert trained["results"][0]["ok"], trained
+    result = answer[0]["results"][0]
+    assert result["ok"], result
+    assert result["value"] == alone  # interleaving changed nothing of the answer
+    assert len(alone[0].sequences[0].tokens) > DECODE_STEPS_PER_TURN  # (so it took several steps)
+    assert order[:3] == ["sample", "train", "sample"]

@@ -29,89 +29,136 @@ def cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def generate(
-    forward: Forward,
-    prompts: Sequence[list[int]],
-    params: SamplingParams,
-    num_samples: int,
-    *,
-    device: torch.device,
-    pad_token_id: int,
-    stop_token_ids: set[int],
-    decode: Callable[[list[int]], str],
-    new_cache: Callable[[], Any],
-    cache_kw: str = "past_key_values",
-) -> list[SampleResponse]:
-    """``num_samples`` sequences after each prompt, in one batch."""
-    rows = [list(p) for p in prompts for _ in range(num_samples)]
-    n, width = len(rows), max(len(p) for p in rows)
-    ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, prompt in enumerate(rows):
-        ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[r, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = new_cache()
-    out = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  logits_to_keep=0 if params.prompt_logprobs else 1, **{cache_kw: cache})
-    prompt_lp = _prompt_logprobs(out.logits, ids, [len(p) for p in rows]) if params.prompt_logprobs else None
-    logits = out.logits[:, -1].float()
-    del out
+DECODE_STEPS_PER_TURN = 16
+"""Tokens a ``Generation`` decodes per ``advance`` on a server: between two advances the device
+serves other users' calls, so a long generation never holds it for long."""
 
-    generators = _generators(n, params.seed, device)
-    stop_ids = stop_token_ids | {s for s in params.stop if isinstance(s, int)}
-    stop_strings = [s for s in params.stop if isinstance(s, str)]
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    reasons: list[str | None] = [None] * n
-    texts: list[str | None] = [None] * n
-    last = positions[:, -1:]
-    for t in range(params.max_tokens):
-        chosen = _choose(logits, params, generators)
-        lp = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+
+class Generation:
+    """``num_samples`` sequences after each prompt, generated in one batch, a few tokens per
+    ``advance`` (the first also reads the prompts). Run it inside the model's generation
+    context (``MultiLoraTransformersModel`` does)."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        num_samples: int,
+        *,
+        device: torch.device,
+        pad_token_id: int,
+        stop_token_ids: set[int],
+        decode: Callable[[list[int]], str],
+        new_cache: Callable[[], Any],
+        cache_kw: str = "past_key_values",
+    ) -> None:
+        self.forward, self.params, self.num_samples = forward, params, num_samples
+        self.prompts = [list(p) for p in prompts]
+        self.device, self.pad, self.decode = device, pad_token_id, decode
+        self.new_cache, self.cache_kw = new_cache, cache_kw
+        self.rows = [p for p in self.prompts for _ in range(num_samples)]
+        n = len(self.rows)
+        self.stop_ids = stop_token_ids | {s for s in params.stop if isinstance(s, int)}
+        self.stop_strings = [s for s in params.stop if isinstance(s, str)]
+        self.generators = _generators(n, params.seed, device)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.texts: list[str | None] = [None] * n
+        self.prompt_lp: list[list[float | None]] | None = None
+        self.done = False
+        self._steps = 0
+        self._cache: Any = None
+        self._logits: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
+
+    def advance(self, steps: int | None = None) -> bool:
+        """Decode up to ``steps`` more tokens per sequence (all of them: None); True when done."""
+        if self.done:
+            return True
+        if self._logits is None:
+            self._prefill()
+        left = self.params.max_tokens - self._steps if steps is None else steps
+        while left > 0 and not self.done:
+            self._decode_one()
+            left -= 1
+        return self.done
+
+    def close(self) -> None:
+        """Free the KV cache (a generation given up half way)."""
+        self._cache = self._logits = self._mask = self._last = None
+
+    def result(self) -> list[SampleResponse]:
+        assert self.done, "the generation has not finished"
+        k = self.num_samples
+        sequences = [
+            SampledSequence(
+                tokens=self.tokens[r],
+                logprobs=self.logprobs[r],
+                decoded=self.texts[r] if self.texts[r] is not None else self.decode(self.tokens[r]),
+                stop_reason=self.reasons[r] or "length",
+            )
+            for r in range(len(self.rows))
+        ]
+        return [
+            SampleResponse(
+                sequences=sequences[i * k:(i + 1) * k],
+                prompt_tokens=list(prompt),
+                prompt_logprobs=None if self.prompt_lp is None else self.prompt_lp[i * k],
+            )
+            for i, prompt in enumerate(self.prompts)
+        ]
+
+    def _prefill(self) -> None:
+        n, width = len(self.rows), max(len(p) for p in self.rows)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, prompt in enumerate(self.rows):
+            ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[r, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._cache = self.new_cache()
+        out = self.forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=0 if self.params.prompt_logprobs else 1, **{self.cache_kw: self._cache})
+        if self.params.prompt_logprobs:
+            self.prompt_lp = _prompt_logprobs(out.logits, ids, [len(p) for p in self.rows])
+        self._logits = out.logits[:, -1].float()
+        self._mask, self._last = mask, positions[:, -1:]
+
+    def _decode_one(self) -> None:
+        assert self._logits is not None and self._mask is not None and self._last is not None
+        n = len(self.rows)
+        chosen = _choose(self._logits, self.params, self.generators)
+        lp = torch.log_softmax(self._logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         picked = chosen.tolist()
         for r in range(n):
-            if reasons[r] is not None:
+            if self.reasons[r] is not None:
                 continue
-            tokens[r].append(picked[r])
-            logprobs[r].append(lp[r])
-            if picked[r] in stop_ids:
-                reasons[r] = "stop"
-            elif stop_strings:
+            self.tokens[r].append(picked[r])
+            self.logprobs[r].append(lp[r])
+            if picked[r] in self.stop_ids:
+                self.reasons[r] = "stop"
+            elif self.stop_strings:
                 # A trailing U+FFFD may be a character whose bytes have not all come yet.
-                text = decode(tokens[r]).rstrip("\ufffd")
-                cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+                text = self.decode(self.tokens[r]).rstrip("\ufffd")
+                cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
                 if cut >= 0:
-                    reasons[r], texts[r] = "stop", text[:cut]
-        if t == params.max_tokens - 1 or all(reason is not None for reason in reasons):
-            break
-        step = torch.tensor([[t if reasons[r] is None else pad_token_id] for r, t in enumerate(picked)],
-                            dtype=torch.long, device=device)
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-        last = last + 1
-        out = forward(input_ids=step, attention_mask=mask, position_ids=last, use_cache=True,
-                      logits_to_keep=1, **{cache_kw: cache})
-        logits = out.logits[:, -1].float()
-        del out
-
-    sequences = [
-        SampledSequence(
-            tokens=tokens[r],
-            logprobs=logprobs[r],
-            decoded=texts[r] if texts[r] is not None else decode(tokens[r]),
-            stop_reason=reasons[r] or "length",
-        )
-        for r in range(n)
-    ]
-    return [
-        SampleResponse(
-            sequences=sequences[i * num_samples:(i + 1) * num_samples],
-            prompt_tokens=list(prompt),
-            prompt_logprobs=None if prompt_lp is None else prompt_lp[i * num_samples],
-        )
-        for i, prompt in enumerate(prompts)
-    ]
+                    self.reasons[r], self.texts[r] = "stop", text[:cut]
+        self._steps += 1
+        if self._steps >= self.params.max_tokens or all(reason is not None for reason in self.reasons):
+            self.done = True
+            self.close()
+            return
+        step = torch.tensor([[t if self.reasons[r] is None else self.pad] for r, t in enumerate(picked)],
+                            dtype=torch.long, device=self.device)
+        self._mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
+        self._last = self._last + 1
+        out = self.forward(input_ids=step, attention_mask=self._mask, position_ids=self._last, use_cache=True,
+                           logits_to_keep=1, **{self.cache_kw: self._cache})
+        self._logits = out.logits[:, -1].float()
 
 
 def _generators(n: int, seed: int | None, device: torch.device) -> list[torch.Generator]:

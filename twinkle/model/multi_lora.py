@@ -8,7 +8,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -554,23 +554,37 @@ class MultiLoraTransformersModel(ModelAPI):
         *,
         adapter_name: str | None = None,
     ) -> list[SampleResponse]:
+        return self.sample_stepwise(inputs, sampling_params, num_samples, adapter_name=adapter_name).run()
+
+    def sample_stepwise(
+        self,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        num_samples: int = 1,
+        *,
+        adapter_name: str | None = None,
+    ) -> Sampling:
+        """``sample`` a few tokens at a time (see ``Stepwise``)."""
         with self._lock:
             state = self._adapter(adapter_name)
             if state.template is None:
                 state.template = Template(model_id=str(self.model_dir))
-            return self.generate(state.peft_name, state.template, inputs, sampling_params, num_samples)
+            name = state.name
+            return self.generation(lambda: self._adapter(name).peft_name, state.template, inputs, sampling_params,
+                                   num_samples)
 
-    def generate(
+    def generation(
         self,
-        peft_name: str | None,
+        adapter: Callable[[], str | None],
         template: Template | None,
         inputs: Any,
         sampling_params: SamplingParams | dict[str, Any] | None,
         num_samples: int,
-    ) -> list[SampleResponse]:
-        """Sample with the base model plus the adapter ``peft_name`` (None: the bare base model),
-        encoding conversations with ``template`` (None: the model's own chat template). No
-        adapter changes: no gradients, no dropout, no generator of an adapter is drawn from."""
+    ) -> Sampling:
+        """A generation with the base model plus the adapter ``adapter()`` names at each step
+        (None: the bare base model), encoding conversations with ``template`` (None: the
+        model's own chat template). Checked and encoded now; nothing is computed until its
+        first step. No adapter changes: no gradients, no dropout, no adapter's generator drawn."""
         params = _sampling_params(sampling_params)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise InvalidArgumentError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -604,29 +618,20 @@ class MultiLoraTransformersModel(ModelAPI):
                     "use fewer prompts, num_samples or max_tokens"
                 )
             tokenizer = template.tokenizer
-            # The base model itself (peft's LoRA layers are inside it): ``fused.only`` picks the
-            # adapter, so peft's notion of an "active" adapter plays no part.
-            model = self._base
-            try:
-                with self._attention_for_generation(), fused.only(peft_name or ""), torch.no_grad():
-                    return generation.generate(
-                        model,
-                        prompts,
-                        params,
-                        num_samples,
-                        device=self.device,
-                        pad_token_id=int(template.pad_token_id),
-                        stop_token_ids=self._stop_token_ids(tokenizer),
-                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                        new_cache=self._new_cache,
-                        cache_kw=generation.cache_keyword(type(self._base)),
-                    )
-            except torch.OutOfMemoryError:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise CapacityError(
-                    "sampling does not fit in device memory; use fewer prompts, num_samples or max_tokens"
-                ) from None
+            return Sampling(self, adapter, generation.Generation(
+                # The base model itself (peft's LoRA layers are inside it): ``fused.only`` picks
+                # the adapter, so peft's notion of an "active" adapter plays no part.
+                self._base,
+                prompts,
+                params,
+                num_samples,
+                device=self.device,
+                pad_token_id=int(template.pad_token_id),
+                stop_token_ids=self._stop_token_ids(tokenizer),
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                new_cache=self._new_cache,
+                cache_kw=generation.cache_keyword(type(self._base)),
+            ))
 
     def checkpoint_adapter(self, folder: str | Path) -> str:
         """The peft name of the checkpoint at ``folder`` loaded (frozen) for sampling; the
@@ -902,6 +907,44 @@ class MultiLoraTransformersModel(ModelAPI):
 
 
 T = TypeVar("T")
+
+
+class Sampling:
+    """A generation on a ``MultiLoraTransformersModel``, one ``step`` at a time (``Stepwise``):
+    each step holds the model only while it decodes ``DECODE_STEPS_PER_TURN`` tokens, and
+    looks its adapter up again (it may have been unloaded, or removed, in between)."""
+
+    def __init__(self, model: MultiLoraTransformersModel, adapter: Callable[[], str | None],
+                 work: generation.Generation) -> None:
+        self._model, self._adapter, self._work = model, adapter, work
+
+    def step(self) -> bool:
+        """Decode the next few tokens; True when the generation is complete."""
+        model = self._model
+        with model.lock:
+            peft_name = self._adapter()
+            try:
+                with model._attention_for_generation(), fused.only(peft_name or ""), torch.no_grad():
+                    return self._work.advance(generation.DECODE_STEPS_PER_TURN)
+            except torch.OutOfMemoryError:
+                self._work.close()
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise CapacityError(
+                    "sampling does not fit in device memory; use fewer prompts, num_samples or max_tokens"
+                ) from None
+
+    def result(self) -> list[SampleResponse]:
+        return self._work.result()
+
+    def close(self) -> None:
+        self._work.close()
+
+    def run(self) -> list[SampleResponse]:
+        """Every step, then the result."""
+        while not self.step():
+            pass
+        return self.result()
 
 
 @dataclass

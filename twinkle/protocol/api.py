@@ -28,7 +28,7 @@ import enum
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: this module never imports peft or torch
     from peft import LoraConfig
@@ -116,6 +116,10 @@ class Method:
     args: Mapping[str, Arg] = field(default_factory=dict)
     returns: Returns = Returns.VALUE
     interruptible: bool = False
+    stepwise: bool = False
+    """The implementation also provides ``<name>_stepwise(...)`` (same parameters) returning a
+    ``Stepwise``: a server runs one step per turn of its device, so other users' calls run in
+    between however long this one takes."""
     fused: bool = False
     """Calls of several adapters may share one device pass: the implementation also provides
     ``<name>_many(calls)``, each call's arguments in declared order, returning each one's value
@@ -172,6 +176,7 @@ def declare(
     returns: Returns = Returns.VALUE,
     interruptible: bool = False,
     fused: bool = False,
+    stepwise: bool = False,
 ) -> Callable[[F], F]:
     """Decorator on a declaration's method: its body is never run (the stub raises)."""
 
@@ -188,6 +193,7 @@ def declare(
             returns=returns,
             interruptible=interruptible,
             fused=fused,
+            stepwise=stepwise,
         )
         for name in spec.args:
             if name not in spec.signature.parameters:
@@ -202,6 +208,20 @@ def declare(
         return stub  # type: ignore[return-value]
 
     return deco
+
+
+@runtime_checkable
+class Stepwise(Protocol):
+    """A call done a step at a time (see ``Method.stepwise``)."""
+
+    def step(self) -> bool:
+        """Do the next step; True when the call is complete."""
+
+    def result(self) -> Any:
+        """The call's value, once complete."""
+
+    def close(self) -> None:
+        """Give up: free what the call holds."""
 
 
 def _same_signature(a: inspect.Signature, b: inspect.Signature) -> bool:
@@ -236,6 +256,10 @@ class Declaration:
                 impl.__doc__ = spec.doc
             if spec.fused and not callable(getattr(cls, f"{name}_many", None)):
                 problems.append(f"{name}_many (declared fused)")
+            stepwise = getattr(cls, f"{name}_stepwise", None)
+            if spec.stepwise and not (callable(stepwise)
+                                      and _same_signature(inspect.signature(stepwise), spec.signature)):
+                problems.append(f"{name}_stepwise{spec.signature} (declared stepwise)")
         if problems:
             raise TypeError(f"{cls.__qualname__} does not implement {api.name} as declared: {'; '.join(problems)}")
 
@@ -388,7 +412,7 @@ class ModelAPI(Declaration):
     def clip_grad_and_step(self, max_grad_norm: float = 1.0, *, adapter_name: str | None = None) -> float | None:
         """``clip_grad_norm``, ``step``, ``zero_grad`` and ``lr_step`` in one call; returns the norm."""
 
-    @declare(args=_ADAPTER)
+    @declare(args=_ADAPTER, stepwise=True)
     def sample(
         self,
         inputs: Any,
@@ -604,7 +628,7 @@ class SamplerAPI(Declaration):
     def add_adapter_to_sampler(self, adapter_name: str, adapter_uri: str) -> None:
         """Name a checkpoint, so that ``sample(adapter_name=...)`` samples from it."""
 
-    @declare(args={"adapter_uri": Arg.CHECKPOINT})
+    @declare(args={"adapter_uri": Arg.CHECKPOINT}, stepwise=True)
     def sample(
         self,
         inputs: Any,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidArgumentError, NotFoundError
-from ..model.multi_lora import MultiLoraTransformersModel
+from ..model.multi_lora import MultiLoraTransformersModel, Sampling
 from ..protocol.api import SamplerAPI
 from ..protocol.names import check_adapter_name
 from ..protocol.sampling import SampleResponse, SamplingParams
@@ -51,6 +51,17 @@ class TorchSampler(SamplerAPI):
         adapter_uri: str | None = None,
         num_samples: int = 1,
     ) -> list[SampleResponse]:
+        return self.sample_stepwise(inputs, sampling_params, adapter_name, adapter_uri, num_samples).run()
+
+    def sample_stepwise(
+        self,
+        inputs: Any,
+        sampling_params: SamplingParams | dict[str, Any] | None = None,
+        adapter_name: str = "",
+        adapter_uri: str | None = None,
+        num_samples: int = 1,
+    ) -> Sampling:
+        """``sample`` a few tokens at a time (see ``Stepwise``)."""
         if adapter_name and adapter_uri is not None:
             raise InvalidArgumentError("pass adapter_name or adapter_uri, not both")
         if adapter_name:
@@ -59,6 +70,10 @@ class TorchSampler(SamplerAPI):
                     f"no adapter named {str(adapter_name)[:100]!r} on this sampler (add it with add_adapter_to_sampler)"
                 )
             adapter_uri = self._named[adapter_name]
-        with self._engine.lock:  # the loaded checkpoint stays loaded until it has been sampled
-            peft_name = None if adapter_uri is None else self._engine.checkpoint_adapter(adapter_uri)
-            return self._engine.generate(peft_name, self._template, inputs, sampling_params, num_samples)
+        engine, uri = self._engine, adapter_uri
+        if uri is None:
+            return engine.generation(lambda: None, self._template, inputs, sampling_params, num_samples)
+        engine.checkpoint_adapter(uri)  # a bad checkpoint fails the call now, before anything runs
+        # Looked up at every step: another sampler may have unloaded it in between (same weights).
+        return engine.generation(lambda: engine.checkpoint_adapter(uri), self._template, inputs, sampling_params,
+                                 num_samples)
