@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from twinkle.hub import HubCredentials, hub_credentials
 from twinkle.model import MultiLoraTransformersModel
 from twinkle.paths import cache_dir
+from twinkle.protocol.api import Stepwise
 from twinkle.protocol.wire import ErrorInfo
 from twinkle.uploads import UploadJobs
 
@@ -96,6 +97,21 @@ class ServerContext:
         """``submit`` and await, without blocking the event loop. The work runs with the user's
         hub credentials (anonymous when none were sent), never the server's."""
         return await asyncio.wrap_future(self.submit(obj_kind, user_id, _as_user(hub or HubCredentials(), fn)))
+
+    async def finish(self, obj_kind: str, user_id: int, value: Any, hub: HubCredentials | None = None) -> Any:
+        """The value of a call that ran: a ``Stepwise`` one (``Method.stepwise``) is driven one
+        step per turn of the device, so other users' calls run between its steps."""
+        if not isinstance(value, Stepwise):
+            return value
+        done = False
+        try:
+            while not await self.run(obj_kind, user_id, value.step, hub):
+                pass
+            done = True
+            return value.result()
+        finally:
+            if not done:  # failed or cancelled half way: free what it holds, on the device's thread
+                self.submit(obj_kind, user_id, value.close)
 
     def close_object(self, obj: RemoteObject, why: str) -> None:
         """Release what an object holds (a model's adapters and runs), from any thread but the loop."""

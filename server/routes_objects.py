@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -393,25 +392,11 @@ async def _execute(ctx: ServerContext, user: User, obj: RemoteObject, call: Call
         else:
             value, run_id = await ctx.run(obj.kind, user.id, work, hub)
             if isinstance(value, Stepwise):
-                value, run_id = await _run_steps(ctx, obj.kind, user.id, value, hub, partial(encode, run_id=run_id))
+                done = await ctx.finish(obj.kind, user.id, value, hub)
+                value, run_id = await ctx.run(obj.kind, user.id, partial(encode, done, run_id), hub)
     except Exception as exc:
         return CallResult(seq=call.seq, ok=False, error=ctx.error_info(exc, request_id, call=method))
     return CallResult(seq=call.seq, ok=True, value=value, training_run_id=run_id)
-
-
-async def _run_steps(ctx: ServerContext, kind: str, user_id: int, stepper: Stepwise, hub: HubCredentials,
-                     encode: Callable[[Any], Any]) -> Any:
-    """A stepwise call, one step per turn of the device: the worker serves other users' calls
-    between two steps, so a long generation delays nobody by more than one step."""
-    done = False
-    try:
-        while not await ctx.run(kind, user_id, stepper.step, hub):
-            pass
-        done = True
-        return await ctx.run(kind, user_id, lambda: encode(stepper.result()), hub)
-    finally:
-        if not done:  # failed or cancelled half way: free what it holds, on the device's thread
-            ctx.submit(kind, user_id, stepper.close)
 
 
 @router.delete("/objects/{object_id}", response_model=ObjectInfo, responses=_ERRORS)

@@ -759,6 +759,7 @@ class TinkerService:
             try:
                 kwargs = {"sampling_params": params, "adapter_uri": checkpoint, "num_samples": num}
                 value, _ = await self.ctx.run("sampler", user.id, lambda: handle.call("sample", [tokens], kwargs))
+                value = await self.ctx.finish("sampler", user.id, value)
             finally:
                 self._sampling[user.id] -= 1
             return Outcome(json=convert.sample_json(value), proto=convert.sample_response(value))
