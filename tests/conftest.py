@@ -40,6 +40,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # - ``server`` (session): one ``ServerHandle`` with ``--max-loras 16`` shared by all modules.
 #   Delete the model objects you create so that slots stay free.
 # - ``server_user`` (function): ``(name, key)`` of a fresh user on ``server``.
+# - ``connect`` (function): ``init_twinkle_client`` for a fresh user on ``server``, so the
+#   remote classes (``twinkle_client.model``...) act as that user; dropped after the test.
 # - ``raw_client(server_or_api_url, key) -> RawClient`` (session factory): httpx with msgpack
 #   bodies via ``twinkle_client.codec``: ``create(kind, *args, idempotency_key=None, **kwargs)
 #   -> object id``, ``calls(object_id, [(method, args, kwargs), ...]) -> httpx.Response``
@@ -289,6 +291,20 @@ def server_user(server: ServerHandle) -> tuple[str, str]:
     """A fresh user on the session server: ``(name, key)``."""
     name = f"user-{uuid.uuid4().hex[:8]}"
     return name, create_user(server.data_dir, name)
+
+
+@pytest.fixture
+def connect(server: ServerHandle, server_user: tuple[str, str]) -> Iterator[Any]:
+    """``init_twinkle_client`` for a fresh user on the session server (the current client of
+    the remote classes); the connection is dropped after the test."""
+    from twinkle_client import client as client_mod
+    from twinkle_client import init_twinkle_client
+
+    client_mod._current = None
+    client = init_twinkle_client(base_url=server.url, api_key=server_user[1])
+    yield client
+    client_mod.current_client().close()
+    client_mod._current = None
 
 
 @pytest.fixture(scope="session")

@@ -36,15 +36,6 @@ REMOTE = SimpleNamespace(DataLoader=twinkle_client.dataloader.DataLoader, Datase
                          Model=twinkle_client.model.MultiLoraTransformersModel)
 
 
-@pytest.fixture
-def connect(server: Any, server_user: tuple[str, str]) -> Any:
-    """``init_twinkle_client`` for a fresh user; the connection is dropped after the test."""
-    client_mod._current = None
-    client = init_twinkle_client(base_url=server.url, api_key=server_user[1])
-    yield client
-    client_mod.current_client().close()
-    client_mod._current = None
-
 
 def make_data(ns: SimpleNamespace, rows: int, batch_size: int = 8, shuffle: bool = False) -> Any:
     dataset = ns.Dataset(dataset_meta=DatasetMeta(DATA, data_slice=range(rows)))

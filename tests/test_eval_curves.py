@@ -19,8 +19,6 @@ import twinkle_client.dataloader
 import twinkle_client.dataset
 import twinkle_client.model
 from twinkle.dataset import DatasetMeta
-from twinkle_client import client as client_mod
-from twinkle_client import init_twinkle_client
 
 pytestmark = pytest.mark.server
 
@@ -28,15 +26,6 @@ MODEL = "builtin://tiny-qwen2"
 DATA = "builtin://self-cognition"
 EVAL_EVERY = 2
 
-
-@pytest.fixture
-def connect(server: Any, server_user: tuple[str, str]) -> Any:
-    """``init_twinkle_client`` for a fresh user; the connection is dropped after the test."""
-    client_mod._current = None
-    client = init_twinkle_client(base_url=server.url, api_key=server_user[1])
-    yield client
-    client_mod.current_client().close()
-    client_mod._current = None
 
 
 def loader(rows: range, batch_size: int) -> Any:

@@ -35,14 +35,6 @@ def _connect(server: Any, key: str) -> Any:
     return init_twinkle_client(base_url=server.url, api_key=key)
 
 
-@pytest.fixture
-def remote(server: Any, server_user: tuple[str, str]) -> Any:
-    client = _connect(server, server_user[1])
-    yield client
-    client.close()
-    client_mod._current = None
-
-
 def _answer_rows() -> list[dict[str, Any]]:
     """A few conversations teaching one fixed answer (what a self-cognition run does)."""
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Twinkle."}]}
@@ -70,7 +62,7 @@ def _tokens(responses: list[Any]) -> list[list[int]]:
     return [s.tokens for r in responses for s in r.sequences]
 
 
-def test_greedy_sampling_from_a_training_adapter_matches_local(remote: Any, tmp_path: Any) -> None:
+def test_greedy_sampling_from_a_training_adapter_matches_local(connect: Any, tmp_path: Any) -> None:
     local = _trained(LOCAL, tmp_path / "local")
     served = _trained(REMOTE, tmp_path / "remote")
     want = local.sample([QUESTION, QUESTION[0:1]], GREEDY)
@@ -83,7 +75,7 @@ def test_greedy_sampling_from_a_training_adapter_matches_local(remote: Any, tmp_
     assert float(served.get_train_state()["cur_step"]) == float(local.get_train_state()["cur_step"])
 
 
-def test_checkpoint_base_and_adapter_samples(remote: Any, tmp_path: Any) -> None:
+def test_checkpoint_base_and_adapter_samples(connect: Any, tmp_path: Any) -> None:
     model = _trained(REMOTE, tmp_path)
     path = model.save("answer")
     sampler = REMOTE.Sampler(MODEL)
@@ -101,7 +93,7 @@ def test_checkpoint_base_and_adapter_samples(remote: Any, tmp_path: Any) -> None
     assert base.tokens == local_base.tokens
 
 
-def test_logprobs_equal_an_independent_forward_pass(remote: Any, tmp_path: Any) -> None:
+def test_logprobs_equal_an_independent_forward_pass(connect: Any, tmp_path: Any) -> None:
     import torch
 
     model = _trained(REMOTE, tmp_path, steps=3)
@@ -120,7 +112,7 @@ def test_logprobs_equal_an_independent_forward_pass(remote: Any, tmp_path: Any) 
             np.testing.assert_allclose(response.prompt_logprobs[1:], expected_prompt, atol=1e-4)
 
 
-def test_seed_stop_and_max_tokens(remote: Any) -> None:
+def test_seed_stop_and_max_tokens(connect: Any) -> None:
     sampler = REMOTE.Sampler(MODEL)
     hot = {"max_tokens": 20, "temperature": 1.5, "seed": 1234}
     first = sampler.sample(QUESTION, hot, num_samples=3)
@@ -142,7 +134,7 @@ def test_seed_stop_and_max_tokens(remote: Any) -> None:
 
 
 
-def test_stop_string_ends_the_answer(remote: Any, tmp_path: Any) -> None:
+def test_stop_string_ends_the_answer(connect: Any, tmp_path: Any) -> None:
     model = _trained(REMOTE, tmp_path)
     answer = model.sample(QUESTION, GREEDY)[0].sequences[0]
     assert answer.decoded == "Twinkle." and answer.stop_reason == "stop"  # at the end-of-turn token
@@ -173,7 +165,7 @@ def test_another_users_checkpoint_is_not_found(server: Any, add_user: Any, tmp_p
         client_mod._current = None
 
 
-def test_bad_sampling_input_is_one_clear_line(remote: Any) -> None:
+def test_bad_sampling_input_is_one_clear_line(connect: Any) -> None:
     sampler = REMOTE.Sampler(MODEL)
     cases = [
         ({"max_tokens": 0}, "max_tokens"),
@@ -214,7 +206,7 @@ RESULT = [(s.tokens, s.decoded, s.stop_reason) for s in out[0].sequences]
 """
 
 
-def test_the_import_swap_works_for_sampling(remote: Any) -> None:
+def test_the_import_swap_works_for_sampling(connect: Any) -> None:
     local: dict[str, Any] = {}
     exec(SNIPPET, local)
     swapped: dict[str, Any] = {}

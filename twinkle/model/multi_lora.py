@@ -546,16 +546,6 @@ class MultiLoraTransformersModel(ModelAPI):
 
     # ---------------------------------------------------------------- sampling
 
-    def sample(
-        self,
-        inputs: Any,
-        sampling_params: SamplingParams | dict[str, Any] | None = None,
-        num_samples: int = 1,
-        *,
-        adapter_name: str | None = None,
-    ) -> list[SampleResponse]:
-        return self.sample_stepwise(inputs, sampling_params, num_samples, adapter_name=adapter_name).run()
-
     def sample_stepwise(
         self,
         inputs: Any,
@@ -939,12 +929,6 @@ class Sampling:
 
     def close(self) -> None:
         self._work.close()
-
-    def run(self) -> list[SampleResponse]:
-        """Every step, then the result."""
-        while not self.step():
-            pass
-        return self.result()
 
 
 @dataclass

@@ -117,9 +117,10 @@ class Method:
     returns: Returns = Returns.VALUE
     interruptible: bool = False
     stepwise: bool = False
-    """The implementation also provides ``<name>_stepwise(...)`` (same parameters) returning a
-    ``Stepwise``: a server runs one step per turn of its device, so other users' calls run in
-    between however long this one takes."""
+    """The implementation provides ``<name>_stepwise(...)`` (same parameters) returning a
+    ``Stepwise``, and the method itself runs every step (a class that defines only the
+    stepwise form gets it): a server runs one step per turn of its device, so other users'
+    calls run in between however long this one takes."""
     fused: bool = False
     """Calls of several adapters may share one device pass: the implementation also provides
     ``<name>_many(calls)``, each call's arguments in declared order, returning each one's value
@@ -224,6 +225,20 @@ class Stepwise(Protocol):
         """Give up: free what the call holds."""
 
 
+def _all_steps(spec: Method) -> Callable[..., Any]:
+    """``spec``'s method for a class that implements only ``<name>_stepwise``."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stepper = getattr(self, f"{spec.name}_stepwise")(*args, **kwargs)
+        while not stepper.step():
+            pass
+        return stepper.result()
+
+    method.__name__, method.__qualname__, method.__doc__ = spec.name, spec.name, spec.doc
+    method.__signature__ = spec.signature  # type: ignore[attr-defined]
+    return method
+
+
 def _same_signature(a: inspect.Signature, b: inspect.Signature) -> bool:
     """Same parameters: names, kinds and defaults (annotations are documentation)."""
     pa, pb = list(a.parameters.values()), list(b.parameters.values())
@@ -243,6 +258,9 @@ class Declaration:
         if "__twinkle_api__" in cls.__dict__ or cls.__dict__.get("_declaration", False):
             return
         api = api_of(cls)
+        for name, spec in api.methods.items():
+            if spec.stepwise and getattr(getattr(cls, name), _SPEC, None) is spec:
+                setattr(cls, name, _all_steps(spec))  # the plain call: every step, then the value
         problems = []
         if not _same_signature(inspect.signature(cls.__init__), api.init):
             problems.append(f"__init__{api.init}")

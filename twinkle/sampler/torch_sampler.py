@@ -8,7 +8,7 @@ from ..errors import InvalidArgumentError, NotFoundError
 from ..model.multi_lora import MultiLoraTransformersModel, Sampling
 from ..protocol.api import SamplerAPI
 from ..protocol.names import check_adapter_name
-from ..protocol.sampling import SampleResponse, SamplingParams
+from ..protocol.sampling import SamplingParams
 from ..registry import REGISTRY
 from ..template import Template
 
@@ -42,16 +42,6 @@ class TorchSampler(SamplerAPI):
         check_adapter_name(adapter_name)
         self._engine.checkpoint_adapter(adapter_uri)  # checked (and loaded) now, not at the first sample
         self._named[adapter_name] = str(adapter_uri)
-
-    def sample(
-        self,
-        inputs: Any,
-        sampling_params: SamplingParams | dict[str, Any] | None = None,
-        adapter_name: str = "",
-        adapter_uri: str | None = None,
-        num_samples: int = 1,
-    ) -> list[SampleResponse]:
-        return self.sample_stepwise(inputs, sampling_params, adapter_name, adapter_uri, num_samples).run()
 
     def sample_stepwise(
         self,
