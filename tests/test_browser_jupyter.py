@@ -797,6 +797,14 @@ def test_dashboard_follows_a_run_live_and_never_sees_the_key(
                 )
                 redraws.append(int(chart.get_attribute("data-redraws")))
             assert redraws == sorted(set(redraws)), redraws
+            # An eval pass adds an eval point at the current step: the eval curve appears too.
+            raw.call(loader, "_twinkle_start_epoch", 0)
+            held_out = raw.call(loader, "_twinkle_next", 1)["batches"][0]
+            raw.call(model, "forward_only", held_out)
+            page.wait_for_function(
+                "() => document.getElementById('chart').dataset.evalPoints === '1'", timeout=15_000
+            )
+            page.get_by_text("eval loss").first.wait_for(timeout=15_000)
             raw.call(model, "save", "ck-live", save_optimizer=True)
             page.get_by_text(f"%twinkle resume {run_id} ck-live").wait_for(timeout=15_000)
             page.get_by_text(f"%twinkle resume {run_id} latest").wait_for(timeout=15_000)
