@@ -45,10 +45,11 @@ def test_requests_parse_as_the_sdk_writes_them() -> None:
     msg.ParseFromString(_fb_body("s:train:0", 7, data, "ppo", {"clip_low_threshold": 0.7}))
     assert (msg.model_id, msg.seq_id, msg.loss_fn) == ("s:train:0", 7, "ppo")
     assert convert.loss_config(msg) == {"clip_low_threshold": 0.7}
-    samples = convert.samples(msg, "cross_entropy", 1000)
-    assert samples[0]["input_ids"] == ROW and samples[0]["labels"] == [-100] + ROW[1:]
-    assert samples[0]["weights"] == [0.0] + [0.0] * 5 + [1.0] * (len(ROW) - 6)
-    assert samples[1]["input_ids"] == list(range(30, 40))
+    samples, padded, held = convert.samples(msg, "cross_entropy", 1000, 10**6)
+    assert samples[0]["input_ids"].tolist() == ROW and samples[0]["labels"].tolist() == [-100] + ROW[1:]
+    assert samples[0]["weights"].tolist() == [0.0] + [0.0] * 5 + [1.0] * (len(ROW) - 6)
+    assert samples[1]["input_ids"].tolist() == list(range(30, 40))
+    assert (padded, held) == (2 * len(ROW), len(ROW) + 10)
     # Every field we declare has the SDK schema's number and type.
     ours = schema.message("ForwardBackwardRequest").DESCRIPTOR
     for name in ("ForwardBackwardRequest", "Datum", "Chunk", "Tensor", "SparseCsr", "ForwardBackwardOutput",
@@ -104,7 +105,8 @@ def _finish_sessions(request: pytest.FixtureRequest) -> Iterator[None]:
     if "api" in request.fixturenames:
         api = request.getfixturevalue("api")
         while api.sessions:
-            assert api.post(f"/api/v1/sessions/{api.sessions.pop()}/finish", {}).status_code == 200
+            session, key = api.sessions.pop()
+            assert api.post(f"/api/v1/sessions/{session}/finish", {}, key=key).status_code == 200
 
 
 def _result(api: SimpleNamespace, request_id: str, key: str | None = None) -> Any:
@@ -116,14 +118,15 @@ def _result(api: SimpleNamespace, request_id: str, key: str | None = None) -> An
     return r.json()
 
 
-def _model(api: SimpleNamespace, rank: int = 4) -> str:
-    session = api.post("/api/v1/create_session", {"tags": [], "user_metadata": {}, "sdk_version": "t"}).json()
-    api.sessions.append(session["session_id"])
+def _model(api: SimpleNamespace, rank: int = 4, key: str | None = None) -> str:
+    session = api.post("/api/v1/create_session", {"tags": [], "user_metadata": {}, "sdk_version": "t"},
+                       key=key).json()
+    api.sessions.append((session["session_id"], key))
     created = api.post("/api/v1/create_model", {"session_id": session["session_id"], "model_seq_id": 0,
                                                 "base_model": "builtin://tiny-qwen2",
-                                                "lora_config": {"rank": rank, "seed": 1}})
+                                                "lora_config": {"rank": rank, "seed": 1}}, key=key)
     assert created.status_code == 200, created.text
-    return _result(api, created.json()["request_id"])["model_id"]
+    return _result(api, created.json()["request_id"], key)["model_id"]
 
 
 def _error(r: httpx.Response, status: int) -> str:
@@ -277,6 +280,7 @@ def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace, monkeypatch: 
     run_id = api.service.model(user, model).run_id
     names = [c.name for c in api.srv.ctx.store.list_checkpoints(user.id, run_id)]
     assert names == [f"sampler.session-0-{n}" for n in range(2, EPHEMERAL_KEPT + 2)]
+    assert sorted(api.service._sessions[session].samplers) == list(range(2, EPHEMERAL_KEPT + 2))
     assert "no sampling session" in _error(api.http.get(f"/api/v1/samplers/{samplers[0]}",
                                                         headers={"X-API-Key": f"tml-{api.srv.api_key}"}), 404)
     info = api.http.get(f"/api/v1/samplers/{samplers[-1]}", headers={"X-API-Key": f"tml-{api.srv.api_key}"}).json()
@@ -295,3 +299,252 @@ def test_sampler_weights_and_sampling_bounds(api: SimpleNamespace, monkeypatch: 
     monkeypatch.setattr(service, "SAMPLES_IN_FLIGHT", 0)  # the SDK backs off from a 429 and sends again
     assert api.post("/api/v1/asample", {**sample, "seq_id": 6}).status_code == 429
     assert api.post("/api/v1/session_heartbeat", {"session_id": session}).status_code == 200
+
+
+# ------------------------------------------------------------------------- bounds
+
+
+def test_schema_enums_match_the_sdk() -> None:
+    ours = schema.message("Tensor").DESCRIPTOR.file
+    for name in ("DType", "StopReason"):
+        mine = [(v.name, v.number) for v in ours.enum_types_by_name[name].values]
+        assert mine == [(v.name, v.number) for v in sdk_pb.DESCRIPTOR.enum_types_by_name[name].values], name
+    assert (schema.DTYPE_FLOAT32, schema.DTYPE_INT64, schema.DTYPE_INT32) == (
+        sdk_pb.DTYPE_FLOAT32, sdk_pb.DTYPE_INT64, sdk_pb.DTYPE_INT32)
+    assert (schema.STOP_REASON_STOP, schema.STOP_REASON_LENGTH) == (sdk_pb.STOP_REASON_STOP, sdk_pb.STOP_REASON_LENGTH)
+
+
+def _user(api: SimpleNamespace, name: str = "contract") -> Any:
+    return api.srv.ctx.store.user_by_name(name)
+
+
+def _until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Wait for ``condition()`` (state the server's loop changes) to hold."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _on_loop(api: SimpleNamespace, coro: Any, timeout: float = 60.0) -> Any:
+    import asyncio
+
+    return asyncio.run_coroutine_threadsafe(coro, api.srv.transport._loop).result(timeout)
+
+
+def test_a_non_finite_gradient_norm_is_a_metric_not_a_500(api: SimpleNamespace) -> None:
+    model = _model(api)
+    huge = _datum(weights=[3e38] * (len(ROW) - 1))
+    fb = api.post("/api/v1/forward_backward", _fb_body(model, 1, [huge])).json()["request_id"]
+    step = api.post("/api/v1/optim_step", {"model_id": model, "seq_id": 2,
+                                           "adam_params": {"learning_rate": 0.01, "grad_clip_norm": 1.0}})
+    r = api.post("/api/v1/retrieve_future", {"request_id": step.json()["request_id"]})
+    assert r.status_code == 200, r.text
+    norm = types.OptimStepResponse.model_validate(r.json()).metrics["grad_norm:mean"]  # as the SDK reads it
+    assert not np.isfinite(norm)
+    assert not np.isfinite(_result(api, fb).metrics["loss:sum"])
+    # A client that does not take protobuf gets the same result as JSON, made when asked.
+    as_json = api.post("/api/v1/retrieve_future", {"request_id": fb})
+    assert as_json.status_code == 200 and as_json.headers["content-type"].startswith("application/json")
+    assert as_json.json()["metrics"]["loss:sum"] in ("inf", "-inf", "nan")
+    assert len(as_json.json()["loss_fn_outputs"][0]["logprobs"]["data"]) == len(ROW) - 1
+
+
+def test_request_sizes_follow_max_tokens_per_call(api: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from twinkle_server.tinker.service import fb_body_limit, sample_body_limit
+
+    most = api.srv.ctx.settings.max_tokens_per_call
+    config = api.post("/api/v1/client/config", {}).json()
+    assert config["fwdbwd_max_chunk_bytes_count"] == 8 * most and config["sample_max_concurrent_requests"] == 64
+    model = _model(api)
+    # Past the bound a body is refused before it is read in full, saying why.
+    huge = _fb_body(model, 1, [_datum([5 + i % 200 for i in range(fb_body_limit(most) // 16 + 2)])])
+    assert len(huge) > fb_body_limit(most)
+    assert "max_tokens_per_call" in _error(api.post("/api/v1/forward_backward", huge), 413)
+    # Within it, a request over the token limit is refused before its samples are built, and
+    # off the event loop.
+    seen: list[str] = []
+    read = api.service.read_forward_backward
+
+    def spy(*args: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return read(*args)
+
+    monkeypatch.setattr(api.service, "read_forward_backward", spy)
+    monkeypatch.setattr(convert, "_tensor", lambda *a: pytest.fail("samples were built"))
+    over = [_datum([5 + i % 200 for i in range(most // 2 + 1)])] * 2
+    assert "max_tokens_per_call" in _error(api.post("/api/v1/forward_backward", _fb_body(model, 1, over)), 400)
+    assert seen and seen[0].startswith("twinkle-decode")
+    # Sampling: the prompt is bounded by the token limit, the body by the bytes it takes.
+    sampler = api.post("/api/v1/create_sampling_session", {"session_id": model.split(":")[0],
+                                                           "sampling_session_seq_id": 0,
+                                                           "base_model": "builtin://tiny-qwen2"}).json()
+    sample = {"sampling_session_id": sampler["sampling_session_id"], "num_samples": 1,
+              "sampling_params": {"max_tokens": 4}}
+    long = {"chunks": [{"type": "encoded_text", "tokens": [5] * (most + 1)}]}
+    assert "max_tokens_per_call" in _error(api.post("/api/v1/asample", {**sample, "prompt": long}), 400)
+    bulky = {"chunks": [{"type": "encoded_text", "tokens": [100000] * (sample_body_limit(most) // 7)}]}
+    assert "max_tokens_per_call" in _error(api.post("/api/v1/asample", {**sample, "prompt": bulky}), 413)
+
+
+class _HeldDevice:
+    """The device thread held by another user's call until ``release``: calls queue behind it."""
+
+    def __init__(self, api: SimpleNamespace) -> None:
+        import threading
+
+        self.started, self.go = threading.Event(), threading.Event()
+        self.done = api.srv.ctx.worker.submit(api.other, self._hold)
+        assert self.started.wait(60)
+
+    def _hold(self) -> None:
+        self.started.set()
+        assert self.go.wait(120)
+
+    def release(self) -> None:
+        self.go.set()
+        self.done.result(60)
+
+
+def test_waiting_work_is_bounded_per_user(api: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinkle_server.tinker import service
+
+    model_id = _model(api)
+    model = api.service.model(_user(api), model_id)
+    step = {"model_id": model_id, "adam_params": {}}
+    held = _HeldDevice(api)
+    try:
+        monkeypatch.setattr(service, "QUEUED_CALLS", 30 / api.srv.ctx.settings.max_tokens_per_call)
+        monkeypatch.setattr(service, "MAX_WAITING", 1)
+        first = api.post("/api/v1/optim_step", {**step, "seq_id": 1}).json()["request_id"]
+        _until(lambda: model.next_seq == 2, "seq 1 to run")
+        # Over the user's data budget (30 tokens; a datum holds 20): not the queue's next one is busy...
+        ahead = api.post("/api/v1/forward_backward", _fb_body(model_id, 3, [_datum(), _datum()]))
+        assert ahead.status_code == 429 and ahead.headers["retry-after"] == "1", ahead.text
+        assert "tokens of data" in ahead.json()["error"]["message"] and np.isfinite(model.busy_at)
+        # ... the one it waits for never is.
+        second = api.post("/api/v1/forward_backward", _fb_body(model_id, 2, [_datum(), _datum()]))
+        assert second.status_code == 200, second.text
+        busy = api.post("/api/v1/optim_step", {**step, "seq_id": 3})  # one waiting is MAX_WAITING
+        assert busy.status_code == 429 and "requests waiting" in busy.json()["error"]["message"]
+    finally:
+        held.release()
+    assert "error" not in _result(api, first) and _result(api, second.json()["request_id"]).metrics["loss:sum"] > 0
+    _until(lambda: not model.waiting and model.runner is None, "the queue to empty")
+    assert api.service._queued[_user(api).id] == 0
+    # A gap holds the queue: what arrives then gets in (the SDK may send the missing one last),
+    # up to QUEUED_HARD times the budget; past that a request is refused, spending its seq id.
+    monkeypatch.setattr(service, "QUEUED_HARD", 2)
+    later = api.post("/api/v1/optim_step", {**step, "seq_id": 6}).json()["request_id"]
+    assert model.blocked
+    gap = api.post("/api/v1/forward_backward", _fb_body(model_id, 4, [_datum(), _datum()]))
+    assert gap.status_code == 200, gap.text
+    over = api.post("/api/v1/forward_backward", _fb_body(model_id, 5, [_datum(), _datum()]))
+    assert "send less data per forward_backward call" in _error(over, 400)
+    third = api.post("/api/v1/optim_step", {**step, "seq_id": 3}).json()["request_id"]
+    for request_id in (third, gap.json()["request_id"], later):
+        result = _result(api, request_id)
+        assert "error" not in (result if isinstance(result, dict) else {}), result
+
+
+def test_a_gap_waits_longer_after_a_busy_answer(api: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinkle_server.tinker import service
+
+    key = api.other  # a user with no results left over from other tests
+
+    def step(seq: int) -> httpx.Response:
+        return api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": seq, "adam_params": {}}, key=key)
+
+    model_id = _model(api, key=key)
+    model = api.service.model(_user(api, "other"), model_id)
+    api.service.order_wait_s, api.service.long_poll_s = 0.0, 0.2
+    try:
+        monkeypatch.setattr(service, "FUTURE_BYTES_PER_USER", 1)  # any result not fetched makes the user busy
+        first = step(1).json()
+        _until(lambda: model.next_seq == 2 and model.runner is None, "seq 1 to run")
+        busy = step(2)
+        assert busy.status_code == 429 and "not fetched" in busy.json()["error"]["message"]
+        assert "error" not in _result(api, first["request_id"], key)
+        # Fetched, it goes first when over the bound: the user is not busy any more.
+        monkeypatch.setattr(service, "FETCHED_KEPT_S", -1.0)
+        assert "no request" in _error(api.post("/api/v1/retrieve_future", first, key=key), 404)
+        # seq 3 waits for seq 2 (answered busy just now: the SDK sends it again within 30 s)
+        # although the gap's own wait (order_wait_s = 0) is over.
+        waiting = step(3).json()
+        assert _result(api, waiting["request_id"], key)["type"] == "try_again"
+        api.service.long_poll_s = 30.0
+        sent = step(2).json()
+        assert "error" not in _result(api, sent["request_id"], key)
+        assert "error" not in _result(api, waiting["request_id"], key)
+    finally:
+        api.service.order_wait_s, api.service.long_poll_s = 30.0, 30.0
+
+
+def test_results_are_kept_once_as_bytes(api: SimpleNamespace) -> None:
+    from twinkle_server.tinker.service import Stored
+
+    model = _model(api)
+    request_id = api.post("/api/v1/forward_backward", _fb_body(model, 1, [_datum()])).json()["request_id"]
+    out = _result(api, request_id)
+    stored = api.service._results_of(_user(api)).futures[request_id].done.result()
+    assert isinstance(stored, Stored) and stored.message == "ForwardBackwardOutput"
+    assert deserialize_forward_backward_output(stored.body).metrics == out.metrics
+    assert request_id in api.service._results_of(_user(api)).fetched
+
+
+def test_a_model_is_not_kept_by_the_heartbeat(api: SimpleNamespace) -> None:
+    import time
+
+    model_id = _model(api)
+    session = model_id.split(":")[0]
+    obj = api.service.model(_user(api), model_id).obj
+    obj.last_used = time.time() - api.srv.ctx.settings.idle_timeout - 1
+    assert api.post("/api/v1/session_heartbeat", {"session_id": session}).status_code == 200
+    expired = api.srv.ctx.objects.pop_expired()
+    assert obj in expired  # as the reaper finds it: idle since its last request
+    for other in expired:
+        api.srv.ctx.close_object(other, "idle")
+    assert api.post("/api/v1/session_heartbeat", {"session_id": session}).status_code == 200
+    assert model_id not in api.service._models and not api.service._sessions[session].creations
+    assert "no model" in _error(api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 1,
+                                                                "adam_params": {}}), 404)
+
+
+def test_session_records_are_bounded(api: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twinkle_server.tinker import service
+
+    monkeypatch.setattr(service, "CREATIONS_KEPT", 2)
+    session = api.post("/api/v1/create_session", {}).json()["session_id"]
+    api.sessions.append((session, None))
+    for seq in range(4):
+        api.post("/api/v1/create_model", {"session_id": session, "model_seq_id": seq, "lora_config": {"rank": 1000}})
+    assert list(api.service._sessions[session].creations) == [2, 3]
+
+
+def test_closing_a_model_does_not_wait_for_a_missing_seq(api: SimpleNamespace) -> None:
+    model_id = _model(api)
+    session, _ = api.sessions.pop()
+    api.service.order_wait_s = 600.0
+    try:
+        waiting = api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 2, "adam_params": {}}).json()
+        _on_loop(api, api.service.finish(_user(api), session), timeout=30)
+    finally:
+        api.service.order_wait_s = 30.0
+    assert "was closed" in _result(api, waiting["request_id"])["error"]
+
+
+def test_requests_wait_for_a_model_being_created(api: SimpleNamespace) -> None:
+    model_id = _model(api)
+    model = api.service.model(_user(api), model_id)
+    model.ready = False
+    try:
+        refused = api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 1, "adam_params": {}})
+        assert "still being created" in _error(refused, 400)
+    finally:
+        model.ready = True
+    assert "error" not in _result(api, api.post("/api/v1/optim_step", {"model_id": model_id, "seq_id": 1,
+                                                                       "adam_params": {}}).json()["request_id"])

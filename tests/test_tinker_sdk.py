@@ -283,5 +283,17 @@ def test_a_wrong_key_is_refused(run: SimpleNamespace) -> None:
         tinker.RestClient(base_url=run.server.url, api_key=f"tml-{run.bob}x").list_training_runs().result()
 
 
+def test_data_over_one_requests_limit_is_split_to_fit(run: SimpleNamespace) -> None:
+    """The client config gives the SDK the server's limit (``fwdbwd_max_chunk_bytes_count``):
+    a ``forward`` of more tokens than one request may carry (``max_tokens_per_call``, 16384
+    here) goes in several requests, each within it, and adds up."""
+    data = [_datum(r) for r in run.rows[:BATCH]]
+    copies = 16384 // sum(d.model_input.length for d in data) + 1
+    one = run.resumed.forward(data, "cross_entropy").result()
+    out = run.resumed.forward(data * copies, "cross_entropy").result()
+    assert len(out.loss_fn_outputs) == len(data) * copies
+    assert out.metrics["loss:sum"] == pytest.approx(copies * one.metrics["loss:sum"], rel=1e-4)
+
+
 def test_nothing_left_loopback(run: SimpleNamespace) -> None:
     assert run.outside == [] and run.loopback  # the guard saw the SDK's connections, all to loopback

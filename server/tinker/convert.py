@@ -19,12 +19,14 @@ The mappings (documented in the README):
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import numpy as np
+import torch
 
-from twinkle.errors import InvalidArgumentError, NotFoundError
+from twinkle.errors import CapacityError, InvalidArgumentError, NotFoundError
 from twinkle.protocol.names import (
     TINKER_SCHEME,
     TWINKLE_SCHEME,
@@ -184,20 +186,33 @@ def _tensor(msg: Any, what: str, n: int) -> np.ndarray:
     return arr
 
 
-def _tokens(datum: Any, where: str) -> list[int]:
-    tokens: list[int] = []
-    for chunk in datum.model_input:
-        kind = chunk.WhichOneof("chunk")
-        if kind != "encoded_text":
-            raise InvalidArgumentError(f"{where}: model_input chunks of kind {kind or 'unknown'} are not supported "
-                                       "(token chunks only)")
-        raw = chunk.encoded_text.tokens
-        if len(raw) % 4:
-            raise InvalidArgumentError(f"{where}: encoded tokens are not whole int32 values")
-        tokens.extend(np.frombuffer(raw, dtype=np.int32).tolist())
-    if not tokens:
-        raise InvalidArgumentError(f"{where}: model_input has no tokens")
-    if min(tokens) < 0:
+def token_counts(request: Any) -> list[int]:
+    """The number of input tokens of each datum of a ``ForwardBackwardRequest``, read from the
+    chunks' byte lengths (nothing is decoded): what a request costs is known before it is built."""
+    if not request.data:
+        raise InvalidArgumentError("forward_backward: data is empty")
+    counts = []
+    for i, datum in enumerate(request.data):
+        n = 0
+        for chunk in datum.model_input:
+            kind = chunk.WhichOneof("chunk")
+            if kind != "encoded_text":
+                raise InvalidArgumentError(f"data[{i}]: model_input chunks of kind {kind or 'unknown'} are not "
+                                           "supported (token chunks only)")
+            size = len(chunk.encoded_text.tokens)
+            if size % 4:
+                raise InvalidArgumentError(f"data[{i}]: encoded tokens are not whole int32 values")
+            n += size // 4
+        if not n:
+            raise InvalidArgumentError(f"data[{i}]: model_input has no tokens")
+        counts.append(n)
+    return counts
+
+
+def _tokens(datum: Any, where: str) -> np.ndarray:
+    tokens = np.concatenate([np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32)
+                             for chunk in datum.model_input])
+    if tokens.min() < 0:
         raise InvalidArgumentError(f"{where}: token ids must be >= 0")
     return tokens
 
@@ -227,16 +242,28 @@ def loss_config(request: Any) -> dict[str, Any]:
     return dict(request.loss_fn_config)
 
 
-def samples(request: Any, loss_fn: str, vocab_size: int) -> list[dict[str, Any]]:
-    """The library samples of a ``ForwardBackwardRequest``'s data (see the module doc)."""
+def samples(request: Any, loss_fn: str, vocab_size: int, max_tokens: int,
+            method: str = "forward_backward") -> tuple[list[dict[str, Any]], int, int]:
+    """``(library samples, padded tokens, tokens held)`` of a ``ForwardBackwardRequest``'s data
+    (see the module doc). A request of more than ``max_tokens`` padded tokens (rows x longest
+    row, as ``check_call_size`` counts a native call) is refused before any sample is built.
+    The samples hold tensors (int64 ids, float32 per-token inputs), as a native call's packed
+    arrays arrive, not Python lists."""
     _, inputs, _ = LOSSES[loss_fn]
-    if not request.data:
-        raise InvalidArgumentError("forward_backward: data is empty")
+    counts = token_counts(request)
+    rows, length = len(counts), max(counts) + 1
+    if rows * length > max_tokens:
+        raise CapacityError(
+            f"{method}: the data hold {rows * length} tokens ({rows} datums x {length}, padded, one more than the "
+            f"longest model_input), more than one request may carry (max_tokens_per_call={max_tokens}); send "
+            "fewer or shorter datums per request (the SDK splits its data by the server's client config: "
+            "datums of very different lengths may still exceed it)"
+        )
     out = []
     for i, datum in enumerate(request.data):
         where = f"data[{i}]"
         tokens = _tokens(datum, where)
-        n = len(tokens)
+        n = tokens.size
         given = dict(datum.loss_fn_inputs)
         unknown = set(given) - set(inputs) - {"target_tokens"}
         if unknown:
@@ -251,16 +278,21 @@ def samples(request: Any, loss_fn: str, vocab_size: int) -> list[dict[str, Any]]
             raise InvalidArgumentError(f"{where}.target_tokens must be integers")
         if targets.min() < 0 or targets.max() >= vocab_size:
             raise InvalidArgumentError(f"{where}.target_tokens must be token ids from 0 to {vocab_size - 1}")
-        target_list = targets.tolist()
-        sample: dict[str, Any] = {"input_ids": tokens + [target_list[-1]], "labels": [IGNORE] + target_list}
+        ids = np.empty(n + 1, dtype=np.int64)
+        ids[:n], ids[n] = tokens, targets[-1]
+        labels = np.empty(n + 1, dtype=np.int64)
+        labels[0], labels[1:] = IGNORE, targets
+        sample: dict[str, Any] = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         for key, name in inputs.items():
             if key in given:
                 values = _tensor(given[key], f"{where}.{key}", n)
                 if values.dtype.kind != "f":
                     raise InvalidArgumentError(f"{where}.{key} must be float32")
-                sample[name] = [0.0] + values.tolist()
+                row = np.zeros(n + 1, dtype=np.float32)
+                row[1:] = values
+                sample[name] = torch.from_numpy(row)
         out.append(sample)
-    return out
+    return out, rows * length, sum(counts) + rows
 
 
 def forward_backward_output(value: Any) -> Any:
@@ -278,30 +310,45 @@ def forward_backward_output(value: Any) -> Any:
     return msg
 
 
-def forward_backward_json(value: Any) -> dict[str, Any]:
-    """The JSON form of ``forward_backward_output`` (for a client that did not ask for protobuf)."""
+def forward_backward_json(body: bytes) -> dict[str, Any]:
+    """The JSON form of a serialized ``forward_backward_output`` (for a client that did not ask
+    for protobuf; built when asked, from the one form a result is kept in)."""
+    msg = schema.ForwardBackwardOutput()
+    msg.ParseFromString(body)
+    rows: list[list[float]] = []
+    for record in msg.loss_fn_outputs:
+        field = record.fields["logprobs"]
+        data = np.frombuffer(field.data, dtype=np.float32)
+        offsets = np.frombuffer(field.offsets, dtype=np.int64) // 4
+        rows.extend(data[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True))
     return {
-        "loss_fn_output_type": "ArrayRecord",
-        "loss_fn_outputs": [{"logprobs": {"data": row, "dtype": "float32", "shape": [len(row)]}}
-                            for row in value.logprobs or []],
-        "metrics": {"loss:sum": float(value.loss or 0.0)},
+        "loss_fn_output_type": msg.loss_fn_output_type,
+        "loss_fn_outputs": [{"logprobs": {"data": row, "dtype": "float32", "shape": [len(row)]}} for row in rows],
+        "metrics": dict(msg.metrics),
     }
 
 
 # ------------------------------------------------------------------------------ sampling
 
 
-def prompt_tokens(prompt: Any, vocab_size: int) -> list[int]:
+def prompt_tokens(prompt: Any, vocab_size: int, max_tokens: int) -> list[int]:
+    """The token ids of a sampling prompt: at most ``max_tokens`` (the server's
+    ``max_tokens_per_call``, which also bounds prompt + completion), counted before any is read."""
     if not isinstance(prompt, dict) or not isinstance(prompt.get("chunks"), list):
         raise InvalidArgumentError("prompt must be {chunks: [...]}")
-    tokens: list[int] = []
-    for i, chunk in enumerate(prompt["chunks"]):
+    chunks = prompt["chunks"]
+    for i, chunk in enumerate(chunks):
         if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
             raise InvalidArgumentError(f"prompt.chunks[{i}]: only encoded_text chunks are supported")
-        values = chunk.get("tokens")
-        if not isinstance(values, list):
+        if not isinstance(chunk.get("tokens"), list):
             raise InvalidArgumentError(f"prompt.chunks[{i}].tokens must be a list of token ids")
-        for t in values:
+    count = sum(len(chunk["tokens"]) for chunk in chunks)
+    if count > max_tokens:
+        raise CapacityError(f"prompt has {count} tokens, more than one sampling call may compute here "
+                            f"(max_tokens_per_call={max_tokens}, prompt and completion together)")
+    tokens: list[int] = []
+    for i, chunk in enumerate(chunks):
+        for t in chunk["tokens"]:
             tokens.append(integer(t, f"prompt.chunks[{i}].tokens", high=vocab_size - 1))
     if not tokens:
         raise InvalidArgumentError("prompt has no tokens")
@@ -345,8 +392,45 @@ def sample_response(responses: list[Any]) -> Any:
     return msg
 
 
-def sample_json(responses: list[Any]) -> dict[str, Any]:
+def sample_json(body: bytes) -> dict[str, Any]:
+    """The JSON form of a serialized ``sample_response`` (built when asked, as for
+    ``forward_backward_json``)."""
+    msg = schema.SampleResponse()
+    msg.ParseFromString(body)
     return {"type": "sample", "sequences": [
-        {"tokens": seq.tokens, "logprobs": seq.logprobs, "stop_reason": seq.stop_reason}
-        for response in responses for seq in response.sequences
+        {"tokens": np.frombuffer(seq.tokens, dtype=np.int32).tolist(),
+         "logprobs": np.frombuffer(seq.logprobs, dtype=np.float32).tolist(),
+         "stop_reason": "length" if seq.stop_reason == schema.STOP_REASON_LENGTH else "stop"}
+        for seq in msg.sequences
     ]}
+
+
+PROTO_AS_JSON = {"ForwardBackwardOutput": forward_backward_json, "SampleResponse": sample_json}
+"""The JSON form of each protobuf result, by message name."""
+
+
+# ------------------------------------------------------------------------------ JSON
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float spelled ``"nan"``, ``"inf"`` or ``"-inf"``.
+
+    JSON has no such numbers (and the SDK parses with orjson, which refuses the ``NaN`` and
+    ``Infinity`` that Python's ``json`` would write), while a Tinker metric is a float that may
+    well be one (a gradient norm of inf). The SDK's pydantic float fields read these strings
+    back as the float they name, so a metric keeps its value instead of failing the result
+    (``server.wire.jsonable``'s ``None`` would fail it: metrics are ``Dict[str, float]``)."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSON that never fails to encode (see ``finite``)."""
+    return json.dumps(finite(value), separators=(",", ":"), allow_nan=False).encode()

@@ -6,8 +6,9 @@ client is the same user with the same runs, checkpoints and limits.
 
 Errors: a request the server refuses answers 400 (401 for the key, 404 for what does not exist
 or is not yours, 413 for a body too large), never a status the SDK retries (408, 409, 429, 5xx)
-unless retrying can help; an operation that fails after it was accepted fails its future with
-``category: user`` (the caller's input) or ``server``.
+unless retrying can help: a request answered busy (``Busy``: too much of the user's work waiting)
+gets 429 with ``Retry-After: 1``, and the SDK sends it again. An operation that fails after it
+was accepted fails its future with ``category: user`` (the caller's input) or ``server``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,31 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from twinkle.errors import AuthenticationError, InvalidArgumentError, NotFoundError, TwinkleError, status_for
-from twinkle.protocol.limits import MAX_BODY_BYTES, MAX_SEQ, MAX_SMALL_BODY_BYTES
+from twinkle.errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    NotFoundError,
+    PayloadTooLargeError,
+    TwinkleError,
+    status_for,
+)
+from twinkle.protocol.limits import MAX_SEQ, MAX_SMALL_BODY_BYTES
 from twinkle.protocol.names import SAMPLER_WEIGHTS_PREFIX, check_checkpoint_name, tinker_path
 
 from ..auth import authenticate
 from ..store import CheckpointRecord, RunRecord, User
 from ..wire import _decode_pool, _read_capped, read_body
-from . import convert, schema
-from .service import Busy, TinkerService
+from . import convert
+from .service import (
+    CHUNK_BYTES_PER_TOKEN,
+    FB_BYTES_PER_TOKEN,
+    SAMPLE_BYTES_PER_TOKEN,
+    SAMPLES_IN_FLIGHT,
+    Busy,
+    TinkerService,
+    fb_body_limit,
+    sample_body_limit,
+)
 
 KEY_PREFIX = "tml-"
 PROTOBUF = "application/x-protobuf"
@@ -46,6 +63,9 @@ class TinkerRoute(APIRoute):
         async def guarded(request: Request) -> Response:
             try:
                 return await handler(request)
+            except Busy as exc:
+                return JSONResponse({"error": {"code": "busy", "message": str(exc)}}, status_code=429,
+                                    headers={"Retry-After": "1"})
             except TwinkleError as exc:
                 ctx = request.app.state.ctx
                 request_id = request.scope.get("state", {}).get("request_id")
@@ -92,10 +112,17 @@ def future(request_id: str, **extra: Any) -> dict[str, Any]:
 
 
 @router.post("/client/config")
-async def client_config(user: TinkerUser) -> dict[str, Any]:
+async def client_config(request: Request, user: TinkerUser) -> dict[str, Any]:
     """Feature flags: API keys (no token exchange), httpx, uncompressed protobuf, one
-    ``retrieve_future`` poll per request."""
+    ``retrieve_future`` poll per request; and the server's limits: the SDK splits a
+    ``forward_backward``'s data into requests of at most ``fwdbwd_max_chunk_bytes_count``
+    estimated bytes (``CHUNK_BYTES_PER_TOKEN`` per token of ``max_tokens_per_call``), and a
+    sampling client keeps at most ``sample_max_concurrent_requests`` requests in flight (the
+    server's per-user bound, ``SAMPLES_IN_FLIGHT``)."""
+    max_tokens = request.app.state.ctx.settings.max_tokens_per_call
     return {
+        "fwdbwd_max_chunk_bytes_count": CHUNK_BYTES_PER_TOKEN * max_tokens,
+        "sample_max_concurrent_requests": SAMPLES_IN_FLIGHT,
         "pjwt_auth_enabled": False,
         "credential_default_source": "api_key",
         "use_pyqwest_transport": False,
@@ -172,21 +199,24 @@ async def forward_backward(request: Request, user: TinkerUser) -> dict[str, Any]
     if (request.headers.get("content-encoding") or "identity").strip().lower() != "identity":
         raise InvalidArgumentError("forward_backward bodies must not be compressed here")
     forward_only = request.query_params.get("forward_only", "false").lower() == "true"
-    raw = await _read_capped(request, MAX_BODY_BYTES)
     svc = service(request)
+    raw = await _read_limited(request, fb_body_limit(svc.max_tokens), FB_BYTES_PER_TOKEN, svc.max_tokens)
+    parsed = await asyncio.wrap_future(_decode_pool().submit(svc.read_forward_backward, raw, forward_only))
+    del raw
+    return future(svc.forward_backward(user, parsed))
 
-    def parse() -> Any:
-        message = schema.ForwardBackwardRequest()
-        try:
-            message.ParseFromString(bytes(raw))
-        except Exception:
-            raise InvalidArgumentError("forward_backward body is not a valid ForwardBackwardRequest") from None
-        return message
 
-    message = await asyncio.wrap_future(_decode_pool().submit(parse))
-    if message.forward_only:
-        forward_only = True
-    return future(svc.forward_backward(user, message, forward_only))
+async def _read_limited(request: Request, limit: int, per_token: int, max_tokens: int) -> bytearray:
+    """The raw body, refused (413) past ``limit``: ``per_token`` bytes per token of the
+    server's ``max_tokens_per_call`` (and a little more), so that no more is read than the
+    largest request the token limit admits."""
+    try:
+        return await _read_capped(request, limit)
+    except PayloadTooLargeError:
+        raise PayloadTooLargeError(
+            f"request body is more than {limit >> 10} KiB, the most one request may carry here ({per_token} bytes "
+            f"per token of max_tokens_per_call={max_tokens}); send less data per request"
+        ) from None
 
 
 @router.post("/optim_step")
@@ -217,15 +247,16 @@ async def save_weights_for_sampler(request: Request, user: TinkerUser) -> dict[s
 async def retrieve_future(request: Request, user: TinkerUser) -> Response:
     svc = service(request)
     request_id = (await body(request)).get("request_id")
-    outcome = await svc.result(user, request_id, svc.long_poll_s)
-    if outcome is None:
+    stored = await svc.result(user, request_id, svc.long_poll_s)
+    if stored is None:
         return JSONResponse({"type": "try_again", "request_id": request_id, "queue_state": "active"})
-    if outcome.error is not None:
-        return JSONResponse({"error": outcome.error, "category": outcome.category})
-    if outcome.proto is not None and PROTOBUF in (request.headers.get("accept") or ""):
-        data = await asyncio.wrap_future(_decode_pool().submit(outcome.proto.SerializeToString))
-        return Response(data, media_type=PROTOBUF)
-    return JSONResponse(outcome.json)
+    if stored.message is None:
+        return Response(stored.body, media_type="application/json")
+    if PROTOBUF in (request.headers.get("accept") or ""):
+        return Response(stored.body, media_type=PROTOBUF)
+    as_json = convert.PROTO_AS_JSON[stored.message]
+    data = await asyncio.wrap_future(_decode_pool().submit(lambda: convert.json_bytes(as_json(stored.body))))
+    return Response(data, media_type="application/json")
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -244,10 +275,16 @@ async def get_sampler(sampler_id: str, request: Request, user: TinkerUser) -> di
 
 @router.post("/asample")
 async def asample(request: Request, user: TinkerUser) -> Response:
+    svc = service(request)
+    limit = sample_body_limit(svc.max_tokens)
     try:
-        request_id, ids = service(request).sample(user, await body(request, MAX_BODY_BYTES))
-    except Busy as exc:
-        return JSONResponse({"error": {"code": "busy", "message": str(exc)}}, status_code=429)
+        parsed = await read_body(request, svc.read_sample, limit=limit)
+    except PayloadTooLargeError:
+        raise PayloadTooLargeError(
+            f"request body is more than {limit >> 10} KiB, the most one sampling request may carry here "
+            f"({SAMPLE_BYTES_PER_TOKEN} bytes per token of max_tokens_per_call={svc.max_tokens})"
+        ) from None
+    request_id, ids = svc.sample(user, parsed)
     return JSONResponse(future(request_id, sample_sequence_ids=ids))
 
 

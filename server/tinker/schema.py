@@ -6,7 +6,8 @@ the SDK: the few messages it needs are described here (package, message names, f
 and types as the SDK's schema has them; fields the server never reads or writes are left out,
 and arrive as unknown fields that are skipped) and made into classes in a private descriptor
 pool, so they never clash with the SDK's own classes in a process that has both.
-``tests/test_tinker_schema.py`` round-trips them against the SDK's classes.
+``tests/test_tinker_api.py`` checks their fields and enum values against the SDK's own schema
+and round-trips them through the SDK's converters.
 """
 
 from __future__ import annotations
