@@ -393,6 +393,10 @@ class ModelHandle:
             # The counters went back to the checkpoint's: later points of this run are history.
             self._record(f"superseded points of run {link.run_id}",
                          lambda: self.store.supersede_after(link.run_id, self._state(link)["cur_step"]))
+        else:
+            # New weights at the same step: that step's eval points measured the old ones.
+            self._record(f"superseded eval points of run {link.run_id}",
+                         lambda: self.store.supersede_evals_from(link.run_id, self._state(link)["cur_step"]))
 
     def _prepare_resume(self, call: _Call) -> None:
         link = call.link

@@ -500,6 +500,18 @@ class Store:
                 db.execute("UPDATE training_runs SET revision = revision + 1 WHERE run_id = ?", (run_id,))
             return n
 
+    def supersede_evals_from(self, run_id: str, step: int) -> int:
+        """Supersede the eval points of ``step`` and later (they measured weights that a load just
+        replaced, at the same step); bump the revision if any changed."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE eval_points SET superseded = 1 WHERE run_id = ? AND step >= ? AND superseded = 0",
+                (run_id, step),
+            ).rowcount
+            if n:
+                db.execute("UPDATE training_runs SET revision = revision + 1 WHERE run_id = ?", (run_id,))
+            return n
+
     @staticmethod
     def _supersede(db: sqlite3.Connection, run_id: str, after_step: int) -> int:
         """Flag the training and eval points of steps after ``after_step`` superseded; how many.

@@ -242,6 +242,9 @@ class _EvalModel(_FakeModel):
         return [ForwardOutput(loss=float(len(rows)) if rows else None, num_tokens=3 * len(rows))
                 for rows, _name, _logits in calls]
 
+    def load(self, name, load_optimizer=False, *, adapter_name=None):
+        return None
+
 
 def test_forward_only_records_eval_points_alone_and_fused(tmp_path: Path) -> None:
     from twinkle_server.model_handle import run_together
@@ -261,10 +264,17 @@ def test_forward_only_records_eval_points_alone_and_fused(tmp_path: Path) -> Non
             (1, 2.0, 6, False), (1, 1.0, 3, False)]
         assert len(store.eval_points(run, 1)) == 2 and store.eval_points(run, 2) == []
         assert store.metric_points(run, 0) == []  # eval points are not training points
-        # A load or resume to step 0 supersedes them with the training points after it.
-        assert store.supersede_after(run, 0) == 2
+        # New weights (not the training state) at the same step: that step's eval points are history.
+        path, _ = handle.call("save", ["ck"], {})
+        handle.call("load", [path], {})
         assert [p.superseded for p in store.eval_points(run, 0)] == [True, True]
         assert store.run_revision(run)[0] == 1
+        handle.call("forward_only", [[row]], {})
+        assert [p.superseded for p in store.eval_points(run, 0)] == [True, True, False]
+        # A load or resume to step 0 supersedes them with the training points after it.
+        assert store.supersede_after(run, 0) == 1
+        assert [p.superseded for p in store.eval_points(run, 0)] == [True, True, True]
+        assert store.run_revision(run)[0] == 2
         assert not store.delete_run_if_empty(run)  # eval points are history too
     finally:
         store.close()
