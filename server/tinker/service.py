@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from pydantic import ValidationError
-
 from twinkle.errors import InvalidArgumentError, NotFoundError, StateError, TwinkleError, status_for
 from twinkle.protocol.limits import MAX_BODY_BYTES, MAX_SAMPLE_SEQUENCES, ORDER_WAIT_S
 from twinkle.protocol.names import (
@@ -45,7 +43,7 @@ from twinkle.protocol.names import (
     tinker_path,
     twinkle_path,
 )
-from twinkle.protocol.sampling import SamplingParams
+from twinkle.protocol.sampling import sampling_params as checked_sampling_params
 
 from ..context import ServerContext
 from ..kinds import check_model_kwargs
@@ -1056,12 +1054,7 @@ class TinkerService:
             raise request.error
         tokens = request.tokens
         params = convert.sampling_params(body.get("sampling_params"))
-        try:
-            SamplingParams(**params)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "sampling_params"
-            raise InvalidArgumentError(f"sampling_params.{where}: {err['msg']}") from None
+        checked_sampling_params(params)  # refused here, in one line, before it is queued
         seq = body.get("seq_id")
         fingerprint = request.fingerprint
         if seq is not None:

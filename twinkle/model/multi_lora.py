@@ -37,6 +37,7 @@ from ..protocol.limits import MAX_SAMPLE_SEQUENCES, MAX_SAMPLING_ADAPTERS
 from ..protocol.names import check_adapter_name, check_checkpoint_name
 from ..protocol.outputs import ForwardBackwardOutput, ForwardOutput
 from ..protocol.sampling import SampleResponse, SamplingParams
+from ..protocol.sampling import sampling_params as sampling_params_of
 from ..registry import REGISTRY
 from ..template import Template
 from . import fused, generation, token_inputs
@@ -575,7 +576,7 @@ class MultiLoraTransformersModel(ModelAPI):
         (None: the bare base model), encoding conversations with ``template`` (None: the
         model's own chat template). Checked and encoded now; nothing is computed until its
         first step. No adapter changes: no gradients, no dropout, no adapter's generator drawn."""
-        params = _sampling_params(sampling_params)
+        params = sampling_params_of(sampling_params)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise InvalidArgumentError(f"num_samples must be a positive integer, got {num_samples!r}")
         with self._lock:
@@ -993,23 +994,6 @@ def _uses_conv1d(model: torch.nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return any(isinstance(m, Conv1D) for m in model.modules())
-
-
-def _sampling_params(value: Any) -> SamplingParams:
-    from pydantic import ValidationError
-
-    if value is None:
-        return SamplingParams()
-    if isinstance(value, SamplingParams):
-        return value
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(f"sampling_params must be a SamplingParams or a dict, got {type(value).__name__}")
-    try:
-        return SamplingParams(**value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "sampling_params"
-        raise InvalidArgumentError(f"sampling_params {where}: {err['msg']}") from None
 
 
 def _spec_name(name_or_cls: Any) -> str:

@@ -62,6 +62,27 @@ class SamplingParams(BaseModel):
         return value
 
 
+def sampling_params(value: Any) -> SamplingParams:
+    """``value`` (None, a ``SamplingParams`` or a dict) as ``SamplingParams``; anything else, or
+    a bad field, is an ``InvalidArgumentError`` naming the field, on one line."""
+    from pydantic import ValidationError
+
+    from .errors import InvalidArgumentError
+
+    if value is None:
+        return SamplingParams()
+    if isinstance(value, SamplingParams):
+        return value
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"sampling_params must be a SamplingParams or a dict, got {type(value).__name__}")
+    try:
+        return SamplingParams(**value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidArgumentError(f"sampling_params{'.' + where if where else ''}: {err['msg']}") from None
+
+
 class SampledSequence(BaseModel):
     """One generated sequence: its tokens, their log-probabilities, its text and why it ended.
 
