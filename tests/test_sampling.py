@@ -135,8 +135,8 @@ def test_checkpoints_for_sampling_are_frozen_bounded_and_fresh(tmp_path: Path) -
         model.forward_backward(_batch())
         model.clip_grad_and_step(1.0)
     model.save("c")
-    assert sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens == \
-        model.sample(QUESTION, greedy)[0].sequences[0].tokens
+    answer_now = model.sample(QUESTION, greedy)[0].sequences[0].tokens
+    assert sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens == answer_now
     for i in range(MAX_SAMPLING_ADAPTERS + 2):
         sampler.sample([5, 6], {"max_tokens": 1}, adapter_uri=model.save(f"k{i}"))
     assert len(model._frozen) == MAX_SAMPLING_ADAPTERS
@@ -148,6 +148,17 @@ def test_checkpoints_for_sampling_are_frozen_bounded_and_fresh(tmp_path: Path) -
         sampler.sample(QUESTION, greedy, adapter_name="x", adapter_uri=first)
     with pytest.raises(CheckpointError):
         sampler.sample(QUESTION, greedy, adapter_uri=str(tmp_path / "missing"))
+    # Weights that do not fit their own config: refused, and nothing of the half-loaded adapter stays.
+    import json
+
+    bad = Path(model.save("bad"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    loaded = set(model._peft.peft_config)
+    with pytest.raises(CheckpointError, match=r"has shape \(4, 128\), expected \(8, 128\)"):
+        sampler.sample(QUESTION, greedy, adapter_uri=str(bad))
+    assert set(model._peft.peft_config) == loaded
+    assert sampler.sample(QUESTION, greedy, adapter_uri=first)[0].sequences[0].tokens == answer_now
 
 
 def test_a_fresh_sampler_samples_the_bare_base_model() -> None:

@@ -650,11 +650,7 @@ class MultiLoraTransformersModel(ModelAPI):
             config.inference_mode = True
             try:
                 self._inject(peft_name, config, seed=0)  # its weights are the checkpoint's
-                expected = get_peft_model_state_dict(self._peft, adapter_name=peft_name)
-                if set(expected) != set(weights) or any(
-                    tuple(weights[k].shape) != tuple(v.shape) for k, v in expected.items()
-                ):
-                    raise CheckpointError("checkpoint's weights do not match its adapter_config.json")
+                self._check_weights(peft_name, weights, "its own adapter_config.json")
                 set_peft_model_state_dict(self._peft, weights, adapter_name=peft_name)
             except CheckpointError:
                 self._discard_partial_adapter(peft_name)
@@ -798,7 +794,7 @@ class MultiLoraTransformersModel(ModelAPI):
                     f"checkpoint has LoRA rank {saved_config.r}; adapter {state.name!r} has rank {state.config.r}"
                 )
             weights = load_file(folder / ckpt.ADAPTER_WEIGHTS)
-            self._check_weights(state, weights)
+            self._check_weights(state.peft_name, weights, f"adapter {state.name!r}")
             training_state = ckpt.load_training_state(folder) if load_optimizer else None
             generator_state = None if training_state is None else training_state.get("generator")
             if generator_state is not None and generator_state.numel() != state.generator.get_state().numel():
@@ -833,13 +829,14 @@ class MultiLoraTransformersModel(ModelAPI):
             if generator_state is not None:
                 state.generator.set_state(generator_state)
 
-    def _check_weights(self, state: AdapterState, weights: dict[str, torch.Tensor]) -> None:
+    def _check_weights(self, peft_name: str, weights: dict[str, torch.Tensor], what: str) -> None:
+        """``weights`` are exactly the weights of peft adapter ``peft_name`` (``what``, for the error)."""
         assert self._peft is not None
-        expected = get_peft_model_state_dict(self._peft, adapter_name=state.peft_name)
+        expected = get_peft_model_state_dict(self._peft, adapter_name=peft_name)
         if set(expected) != set(weights):
             diff = sorted(set(expected) ^ set(weights))
             raise CheckpointError(
-                f"checkpoint does not fit adapter {state.name!r}: {len(diff)} weights differ (first: {diff[0]})"
+                f"checkpoint does not fit {what}: {len(diff)} weights differ (first: {diff[0]})"
             )
         for key, tensor in expected.items():
             if tuple(weights[key].shape) != tuple(tensor.shape):
